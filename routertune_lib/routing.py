@@ -1,0 +1,651 @@
+"""Routers that let decoder layers skip attention, MLP or the whole block, per sequence or per token.
+
+A granularity is two fields: ``target`` in {attn, mlp, block} chooses which sub-layers a router gates, ``level`` in
+{sequence, token} chooses what one decision covers. Every routed layer runs the same code path:
+
+    x      = pre_attn_norm(h)                       # [B, T, d]   what attention sees; the router reads it
+    score  = sigmoid(router(x))                     # [B, T]      token level
+           | sigmoid(router(mean_real_tokens(x)))   # [B]         sequence level (padding excluded)
+    keep   = score >= threshold                     # hard 0/1 decision, no soft weighting
+    h      = h + keep * F(h)                        # for each gated sub-layer F
+
+Two execution modes compute that last line:
+- ``real`` (inference default): skipped rows/tokens are never given to F. Sequence level gathers the kept rows, runs
+  F on them and scatters back; a sequence that skips attention writes no K/V at that layer (the layer's cache holds
+  only the kept rows). Token level gathers kept tokens: the MLP runs on kept tokens only; attention computes queries,
+  scores and the output projection for kept tokens only, while K/V are written for every token (skipped tokens stay
+  visible to later tokens; this is the cheaper choice, and a decode step whose token is skipped reads no cache).
+- ``masked``: F runs on everything and its output is multiplied by ``keep``. This is the reference the fast path is
+  tested against, and what training uses: the straight-through estimator needs F(h) for skipped inputs too, so that
+  ``keep = hard + score - score.detach()`` passes gradient to the router even when every input is executed.
+
+Sequence-level decisions are made at prefill and stored in the KV cache layer, so every decode step reuses its
+sequence's prefill decision. Decisions and statistics of one forward travel in a ``RoutingContext`` that a forward
+pre-hook passes to the layers and a forward hook returns as ``output.routing`` (a ``RoutingTrace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .architectures import ArchSpec, arch_spec, decoder_layers
+
+TARGETS = ("attn", "mlp", "block")
+LEVELS = ("sequence", "token")
+MODES = ("real", "masked")
+CHECKPOINT_FORMAT = "routertune-routers/1"
+
+
+@dataclass
+class RouterConfig:
+    """What is routed and how.
+
+    target: sub-layers one router gates: ``attn``, ``mlp`` or ``block`` (attention and MLP, one decision).
+    level: ``sequence`` (one decision per sequence, made at prefill) or ``token`` (one per token).
+    num_layers: route the ``n`` deepest layers except the last (0-based ``N-n-1 .. N-2``); default ``N // 2``.
+    layers: explicit 0-based layer indices instead of ``num_layers``.
+    threshold: execute when ``sigmoid(score) >= threshold``; in [0, 1].
+    capacity: target executed fraction over routed layers (the ``s`` of the capacity loss); in (0, 1].
+    capacity_weight: loss weight ``lambda`` of ``ReLU(capacity_measured - capacity)``; >= 0.
+    """
+
+    target: str = "attn"
+    level: str = "sequence"
+    num_layers: int | None = None
+    layers: list[int] | None = None
+    threshold: float = 0.5
+    capacity: float = 0.5
+    capacity_weight: float = 0.1
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"RouterConfig.target must be one of {TARGETS}, got {self.target!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
+        if self.num_layers is not None and self.layers is not None:
+            raise ValueError("RouterConfig: give either num_layers or layers, not both")
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise ValueError(f"RouterConfig.num_layers must be an integer >= 1, got {self.num_layers!r}")
+        if self.layers is not None:
+            if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
+                raise ValueError(f"RouterConfig.layers must be a non-empty list of 0-based indices, got {self.layers!r}")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"RouterConfig.layers has duplicates: {self.layers!r}")
+            self.layers = sorted(self.layers)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"RouterConfig.threshold must be in [0, 1], got {self.threshold!r}")
+        if not 0.0 < self.capacity <= 1.0:
+            raise ValueError(f"RouterConfig.capacity must be in (0, 1], got {self.capacity!r}")
+        if self.capacity_weight < 0:
+            raise ValueError(f"RouterConfig.capacity_weight must be >= 0, got {self.capacity_weight!r}")
+
+    def resolve_layers(self, num_hidden_layers: int) -> list[int]:
+        """The routed layer indices for a model with ``num_hidden_layers`` layers."""
+        if self.layers is not None:
+            bad = [i for i in self.layers if i >= num_hidden_layers]
+            if bad:
+                raise ValueError(f"RouterConfig.layers {bad} out of range: the model has {num_hidden_layers} layers")
+            return list(self.layers)
+        n = self.num_layers if self.num_layers is not None else num_hidden_layers // 2
+        if n > num_hidden_layers - 1:
+            raise ValueError(
+                f"RouterConfig.num_layers must be in [1, {num_hidden_layers - 1}] for a {num_hidden_layers}-layer "
+                f"model (the last layer is never routed), got {n}"
+            )
+        return list(range(num_hidden_layers - n - 1, num_hidden_layers - 1))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RouterConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"Unknown RouterConfig fields {sorted(unknown)}; valid fields: {sorted(known)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-forward state: context in, trace out
+
+
+@dataclass
+class LayerDecision:
+    """One routed layer's decision in one forward.
+
+    keep: ``[B]`` (sequence) or ``[B, T]`` (token); 1.0 executed, 0.0 skipped. In training it carries the
+        straight-through gradient to the router.
+    weight: same shape; 1.0 for inputs that count in statistics (real tokens; sequences).
+    score: router probabilities, same shape, or ``None`` when the decision was reused from the cache or fixed.
+    """
+
+    layer: int
+    keep: torch.Tensor
+    weight: torch.Tensor
+    score: torch.Tensor | None
+
+
+@dataclass
+class RoutingTrace:
+    """Decisions of all routed layers in one forward (``output.routing``)."""
+
+    decisions: list[LayerDecision] = field(default_factory=list)
+
+    def capacity(self) -> torch.Tensor:
+        """Executed fraction over all routed layers and counted inputs; a scalar that keeps the STE gradient."""
+        if not self.decisions:
+            return torch.tensor(1.0)
+        num = sum((d.keep * d.weight).sum() for d in self.decisions)
+        den = sum(d.weight.sum() for d in self.decisions)
+        return num / den.clamp_min(1.0)
+
+    def executed_fraction(self) -> dict[int, float]:
+        """Executed fraction per routed layer, ``{layer_index: fraction}``."""
+        return {
+            d.layer: float((d.keep.detach() * d.weight).sum() / d.weight.sum().clamp_min(1.0)) for d in self.decisions
+        }
+
+    def counts(self) -> dict[int, tuple[float, float]]:
+        """``{layer: (executed, total)}`` input counts, for accumulating statistics over many forwards."""
+        return {d.layer: (float((d.keep.detach() * d.weight).sum()), float(d.weight.sum())) for d in self.decisions}
+
+
+@dataclass
+class RoutingContext:
+    """Inputs shared by the routed layers of one forward, plus the trace they fill.
+
+    attention_mask: the call's 2-D padding mask ``[B, S]`` (1 = real token, covering past and current tokens) or
+        ``None`` (every token is real).
+    """
+
+    mode: str
+    attention_mask: torch.Tensor | None
+    trace: RoutingTrace
+
+    def token_mask(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool mask of the real tokens among the ``T`` tokens of this forward."""
+        B, T = hidden.shape[:2]
+        if self.attention_mask is None:
+            return torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+        return self.attention_mask[:, -T:].to(device=hidden.device, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache: routed layers keep the prefill decision and, when attention is skipped per sequence, only kept rows
+
+
+class RoutedCacheMixin:
+    """Mixed into the cache layer of a sequence-routed layer at prefill (its own class is kept: full or sliding).
+
+    keep_rows: ``[B]`` bool prefill decision, reused by every decode step.
+    compact: True when K/V are stored for kept rows only (``keys: [K, kv_heads, S, head_dim]``, K = kept rows; a
+        layer skipped by every row holds ``[0, kv_heads, S, head_dim]``: no memory, but it still knows ``S``).
+    """
+
+    keep_rows: torch.Tensor
+    compact: bool
+
+    def get_seq_length(self) -> int:
+        if self.is_sliding:  # counts positions itself
+            return super().get_seq_length()
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+    def _batch_changes_unsupported(self, *args, **kwargs):
+        raise NotImplementedError(
+            "Sequence-level routing stores per-sequence decisions in the cache; beam search and other batch "
+            "re-ordering are not supported. Use greedy decoding or sampling."
+        )
+
+    reorder_cache = batch_repeat_interleave = batch_select_indices = _batch_changes_unsupported
+
+
+def _mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
+    """``class Routed<cls>(mixin, cls)``, made once per pair."""
+    if (mixin, cls) not in _made:
+        _made[mixin, cls] = type(f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__})
+    return _made[mixin, cls]
+
+
+def _cache_layer(cache, layer_idx: int):
+    while len(cache.layers) <= layer_idx:
+        cache.layers.append(DynamicLayer())
+    return cache.layers[layer_idx]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The routed decoder layer
+
+
+@dataclass(frozen=True)
+class LayerRouting:
+    """Static routing settings of one decoder layer (set by ``attach_routers``; not per-call state).
+
+    fixed_keep: ``False`` for a statically dropped layer (no router, always skipped); ``None`` for a router.
+    """
+
+    layer_idx: int
+    target: str
+    level: str
+    threshold: float
+    arch: ArchSpec
+    fixed_keep: bool | None = None
+
+
+def _part(layer: nn.Module, name: str | None):
+    return getattr(layer, name) if name is not None else None
+
+
+def _apply(module, x):
+    return x if module is None else module(x)
+
+
+def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    """Select batch rows of a tensor that may be broadcast over the batch (leading dim 1) or absent."""
+    if t is None or t.shape[0] == 1:
+        return t
+    return t.index_select(0, rows)
+
+
+class RoutedLayerMixin:
+    """Mixed into a decoder layer's own class by ``attach_routers``; adds ``router`` and re-composes ``forward``.
+
+    The base layer's parameters and state-dict keys are unchanged; the router adds ``router.weight`` only.
+    """
+
+    routing: LayerRouting
+    router: nn.Linear | None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, T, d]
+        attention_mask: torch.Tensor | None = None,  # 4-D mask for this layer's attention type, or None
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing_context: RoutingContext | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        r = self.routing
+        ctx = routing_context or RoutingContext(mode="real", attention_mask=None, trace=RoutingTrace())
+        h = hidden_states
+        x = self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
+        tokens = ctx.token_mask(h)  # [B, T]
+        keep, masked = self._decide(x, tokens, cache, ctx)
+
+        attn_kwargs = dict(
+            position_ids=position_ids, cache=cache, position_embeddings=position_embeddings, **kwargs
+        )
+        gate_attn = keep if r.target in ("attn", "block") else None
+        gate_mlp = keep if r.target in ("mlp", "block") else None
+        h = self._attention_step(h, x, gate_attn, masked, attention_mask, attn_kwargs)
+        return self._mlp_step(h, gate_mlp, masked)
+
+    # -- decision -------------------------------------------------------------------------------------------------
+
+    def _decide(self, x, tokens, cache, ctx) -> tuple[torch.Tensor, bool]:
+        """Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training) and whether to run masked."""
+        r = self.routing
+        B = x.shape[0]
+        train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
+        masked = ctx.mode == "masked" or train_ste
+        stored = None
+        if r.level == "sequence" and cache is not None:
+            stored = getattr(_cache_layer(cache, r.layer_idx), "keep_rows", None)
+
+        score = None
+        if stored is not None:
+            hard = stored
+        elif r.fixed_keep is not None:
+            shape = (B,) if r.level == "sequence" else tuple(tokens.shape)
+            hard = torch.full(shape, r.fixed_keep, dtype=torch.bool, device=x.device)
+        else:
+            logits = self.router(x).squeeze(-1).float()  # [B, T]
+            if r.level == "sequence":  # router(mean of real tokens) == mean of per-token router logits
+                w = tokens.float()
+                logits = (logits * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B]
+            score = torch.sigmoid(logits)
+            hard = score >= r.threshold
+        if r.level == "token":
+            hard = hard & tokens  # padding tokens are never executed
+
+        if r.level == "sequence" and cache is not None and stored is None:
+            empty = cache.layers[r.layer_idx]  # nothing stored yet: this is the prefill
+            routed = object.__new__(_mixed_class(RoutedCacheMixin, type(empty)))
+            routed.__dict__.update(empty.__dict__, keep_rows=hard, compact=not masked and r.target in ("attn", "block"))
+            cache.layers[r.layer_idx] = routed
+
+        keep = hard.to(x.dtype)
+        if train_ste and score is not None:
+            keep = keep + (score - score.detach()).to(x.dtype)
+        weight = torch.ones(B, device=x.device) if r.level == "sequence" else tokens.float()
+        ctx.trace.decisions.append(LayerDecision(r.layer_idx, keep, weight, score))
+        return keep, masked
+
+    # -- sub-layers -----------------------------------------------------------------------------------------------
+
+    def _attn_delta(self, x, attention_mask, attn_kwargs) -> torch.Tensor:
+        """Attention sub-layer output (before the residual add) for normalised input ``x`` [b, T, d]."""
+        out, _ = self.get_submodule(self.routing.arch.attention)(
+            hidden_states=x, attention_mask=attention_mask, **attn_kwargs
+        )
+        return _apply(_part(self, self.routing.arch.post_attn_norm), out)
+
+    def _mlp_delta(self, h) -> torch.Tensor:
+        """MLP sub-layer output (before the residual add) for residual-stream input ``h`` [..., d]."""
+        a = self.routing.arch
+        y = self.get_submodule(a.mlp)(self.get_submodule(a.pre_mlp_norm)(h))
+        return _apply(_part(self, a.post_mlp_norm), y)
+
+    def _attention_step(self, h, x, gate, masked, attention_mask, attn_kwargs) -> torch.Tensor:
+        if gate is None:
+            return h + self._attn_delta(x, attention_mask, attn_kwargs)
+        if masked:
+            g = gate[:, None, None] if gate.dim() == 1 else gate[..., None]
+            return h + g * self._attn_delta(x, attention_mask, attn_kwargs)
+        if self.routing.level == "token":
+            return h + self._attn_delta_for_tokens(x, gate.bool(), attention_mask, attn_kwargs)
+        rows = gate.bool().nonzero().squeeze(1)  # [K]
+        if rows.numel() == h.shape[0]:
+            return h + self._attn_delta(x, attention_mask, attn_kwargs)
+        if rows.numel() == 0:
+            self._advance_empty_cache(x, attn_kwargs["cache"])
+            return h
+        sub = dict(attn_kwargs)
+        sub["position_embeddings"] = tuple(_rows(t, rows) for t in attn_kwargs["position_embeddings"])
+        sub["position_ids"] = _rows(attn_kwargs["position_ids"], rows)
+        delta = self._attn_delta(x.index_select(0, rows), _rows(attention_mask, rows), sub)
+        return h.index_add(0, rows, delta)
+
+    def _mlp_step(self, h, gate, masked) -> torch.Tensor:
+        if gate is None:
+            return h + self._mlp_delta(h)
+        if masked:
+            g = gate[:, None, None] if gate.dim() == 1 else gate[..., None]
+            return h + g * self._mlp_delta(h)
+        B, T, d = h.shape
+        if self.routing.level == "sequence":
+            idx, flat = gate.bool().nonzero().squeeze(1), h  # kept rows [K]
+        else:
+            idx, flat = gate.bool().reshape(-1).nonzero().squeeze(1), h.reshape(B * T, d)  # kept tokens [K]
+        if idx.numel() == 0:
+            return h
+        return flat.index_add(0, idx, self._mlp_delta(flat.index_select(0, idx))).view(B, T, d)
+
+    def _advance_empty_cache(self, x, cache) -> None:
+        """Record ``T`` more positions in a compact cache layer that no row executes (stores nothing)."""
+        if cache is None:
+            return
+        attn = self.get_submodule(self.routing.arch.attention)
+        kv_heads = attn.config.num_key_value_heads
+        empty = x.new_zeros(0, kv_heads, x.shape[1], attn.head_dim)
+        cache.update(empty, empty, self.routing.layer_idx)
+
+    def _attn_delta_for_tokens(self, x, keep, attention_mask, attn_kwargs) -> torch.Tensor:
+        """Token-level attention: queries, scores and output projection for kept tokens only; K/V for all tokens.
+
+        x: [B, T, d] normalised input; keep: [B, T] bool. Returns [B, T, d], zero at skipped tokens.
+        """
+        attn = self.get_submodule(self.routing.arch.attention)
+        B, T, d = x.shape
+        hd = attn.head_dim
+        modeling = sys.modules[type(attn).__module__]  # the family's own rotary and eager attention functions
+        rope = modeling.apply_rotary_pos_emb
+        counts = keep.sum(1)  # [B]
+        Tq = int(counts.max())
+        # kept positions first, in order: q_pos [B, Tq]; slots past a row's count are padding (discarded)
+        q_pos = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]
+        q_valid = torch.arange(Tq, device=x.device)[None, :] < counts[:, None]  # [B, Tq]
+
+        k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # [B, kv_heads, T, hd]
+        v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        cos, sin = (t.expand(B, -1, -1) for t in attn_kwargs["position_embeddings"])  # [B, T, hd]
+        k = rope(k, k, cos, sin)[0]
+        cache = attn_kwargs["cache"]
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx)  # [B, kv_heads, S, hd]
+        if Tq == 0:
+            return torch.zeros_like(x)
+
+        gather = q_pos[..., None].expand(-1, -1, d)
+        q = attn.q_proj(x.gather(1, gather)).view(B, Tq, -1, hd).transpose(1, 2)  # [B, heads, Tq, hd]
+        if hasattr(attn, "q_norm"):
+            q = attn.q_norm(q)
+        pos_gather = q_pos[..., None].expand(-1, -1, cos.shape[-1])
+        q = rope(q, q, cos.gather(1, pos_gather), sin.gather(1, pos_gather))[0]
+
+        S = k.shape[2]
+        if attention_mask is None:  # causal without padding: key s is visible to query t iff s <= t + (S - T)
+            allowed = torch.arange(S, device=x.device)[None, None, :] <= (q_pos + (S - T))[..., None]
+            mask = allowed[:, None]  # [B, 1, Tq, S]
+            if attn.config._attn_implementation == "eager":
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=x.device).masked_fill(
+                    ~mask, torch.finfo(q.dtype).min
+                )
+        else:
+            full = attention_mask.expand(B, -1, -1, -1)  # [B, 1, T, S]
+            mask = full.gather(2, q_pos[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[-1]))
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, modeling.eager_attention_forward)
+        extra = {k_: v_ for k_, v_ in attn_kwargs.items() if k_ not in ("position_embeddings", "cache", "position_ids")}
+        out, _ = interface(
+            attn,
+            q,
+            k,
+            v,
+            mask,
+            dropout=0.0,
+            scaling=attn.scaling,
+            sliding_window=getattr(attn, "sliding_window", None),
+            **extra,
+        )  # [B, Tq, heads, hd]
+        out = attn.o_proj(out.reshape(B, Tq, -1))
+        out = _apply(_part(self, self.routing.arch.post_attn_norm), out)  # [B, Tq, d]
+        delta = torch.zeros_like(x)
+        b_idx = torch.arange(B, device=x.device)[:, None].expand(-1, Tq)
+        delta[b_idx[q_valid], q_pos[q_valid]] = out[q_valid]
+        return delta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attaching, modes, checkpoints
+
+
+@dataclass
+class RoutingSetup:
+    """What ``attach_routers`` did to a model (``model.routertune``). ``mode`` is the inference execution mode."""
+
+    config: RouterConfig
+    layers: list[int]
+    static: bool
+    mode: str = "real"
+    hooks: list = field(default_factory=list, repr=False)
+
+
+def _routing_pre_hook(model, args, kwargs):
+    if "routing_context" not in kwargs:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        kwargs["routing_context"] = RoutingContext(model.routertune.mode, mask, RoutingTrace())
+    return args, kwargs
+
+
+def _routing_post_hook(model, args, kwargs, output):
+    output["routing"] = kwargs["routing_context"].trace
+    return output
+
+
+def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool = False) -> nn.Module:
+    """Add a zero-initialised ``Linear(d, 1, bias=False)`` router to each routed layer, in place; returns ``model``.
+
+    With ``static_drop=True`` the selected layers get no router and are always skipped (the paper's Layer Drop /
+    Attention Drop baseline), through the same real-skip path.
+    Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly the dense model.
+    """
+    if getattr(model, "routertune", None) is not None:
+        raise ValueError("This model already has routers; call detach_routers(model) first.")
+    arch = arch_spec(model)
+    layers = decoder_layers(model)
+    indices = config.resolve_layers(len(layers))
+    for i in indices:
+        layer = layers[i]
+        ref = next(layer.parameters())
+        layer.__class__ = _mixed_class(RoutedLayerMixin, type(layer))
+        layer.routing = LayerRouting(
+            i, config.target, config.level, config.threshold, arch, fixed_keep=False if static_drop else None
+        )
+        layer.router = None
+        if not static_drop:
+            layer.router = nn.Linear(model.config.hidden_size, 1, bias=False, device=ref.device, dtype=ref.dtype)
+            nn.init.zeros_(layer.router.weight)
+    setup = RoutingSetup(config=config, layers=indices, static=static_drop)
+    setup.hooks = [
+        model.register_forward_pre_hook(_routing_pre_hook, with_kwargs=True),
+        model.register_forward_hook(_routing_post_hook, with_kwargs=True),
+    ]
+    model.routertune = setup
+    return model
+
+
+def detach_routers(model: nn.Module) -> nn.Module:
+    """Remove routers and hooks, restoring the plain model in place; returns ``model``."""
+    setup = _setup(model)
+    for h in setup.hooks:
+        h.remove()
+    for i in setup.layers:
+        layer = decoder_layers(model)[i]
+        del layer.router, layer.routing
+        layer.__class__ = type(layer).__bases__[1]
+    model.routertune = None
+    return model
+
+
+def _setup(model) -> RoutingSetup:
+    setup = getattr(model, "routertune", None)
+    if setup is None:
+        raise ValueError("This model has no routers; call attach_routers(model, RouterConfig(...)) first.")
+    return setup
+
+
+def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
+    """``{layer_index: routed decoder layer}``."""
+    layers = decoder_layers(model)
+    return {i: layers[i] for i in _setup(model).layers}
+
+
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The router weights, in layer order (the only parameters Router-Tuning trains)."""
+    return [layer.router.weight for layer in routed_layers(model).values() if layer.router is not None]
+
+
+def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
+    """Set the decision threshold globally (a float) or per routed layer (``{layer: threshold}``)."""
+    for i, layer in routed_layers(model).items():
+        t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(i, layer.routing.threshold)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold for layer {i} must be in [0, 1], got {t!r}")
+        layer.routing = replace(layer.routing, threshold=float(t))
+
+
+def set_routing_mode(model: nn.Module, mode: str) -> None:
+    """Choose how inference executes routing: ``real`` (skipped work is not computed) or ``masked`` (reference)."""
+    if mode not in MODES:
+        raise ValueError(f"routing mode must be one of {MODES}, got {mode!r}")
+    _setup(model).mode = mode
+
+
+@contextlib.contextmanager
+def routing_mode(model: nn.Module, mode: str):
+    """Context manager form of ``set_routing_mode``; restores the previous mode on exit."""
+    previous = _setup(model).mode
+    set_routing_mode(model, mode)
+    try:
+        yield model
+    finally:
+        set_routing_mode(model, previous)
+
+
+def model_shape(model: nn.Module) -> dict:
+    """The base-model identity a router checkpoint must match."""
+    cfg = model.config
+    return {
+        "architecture": type(model).__name__,
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+    }
+
+
+def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the routers to one safetensors file (weights, ``RouterConfig``, thresholds, base-model identity).
+
+    The file is written atomically (temporary file, then rename).
+    """
+    setup = _setup(model)
+    layers = routed_layers(model)
+    tensors = {
+        f"layers.{i}.router.weight": layer.router.weight.detach().float().cpu().contiguous()
+        for i, layer in layers.items()
+        if layer.router is not None
+    }
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(asdict(setup.config)),
+        "static_drop": json.dumps(setup.static),
+        "thresholds": json.dumps({str(i): layer.routing.threshold for i, layer in layers.items()}),
+        "base_model": json.dumps(model_shape(model)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors if tensors else {"empty": torch.zeros(0)}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Attach the routers saved by ``save_routers`` to ``model`` (a stock model, or one with the same routers)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # not a safetensors file at all
+        raise ValueError(f"{path} is not a router checkpoint (expected a safetensors file from save_routers): {e}")
+    if metadata.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a router checkpoint (format {metadata.get('format')!r}, expected "
+                         f"{CHECKPOINT_FORMAT!r}); create one with routertune_lib.save_routers")
+    saved = json.loads(metadata["base_model"])
+    here = model_shape(model)
+    mismatch = {k: (saved[k], here[k]) for k in ("model_type", "hidden_size", "num_hidden_layers") if saved[k] != here[k]}
+    if mismatch:
+        raise ValueError(
+            f"Router checkpoint {path} was trained for another model: "
+            + ", ".join(f"{k} saved={a} here={b}" for k, (a, b) in mismatch.items())
+        )
+    config = RouterConfig.from_dict(json.loads(metadata["config"]))
+    static = json.loads(metadata["static_drop"])
+    setup = getattr(model, "routertune", None)
+    if setup is None:
+        attach_routers(model, config, static_drop=static)
+    elif asdict(setup.config) != asdict(config) or setup.static != static:
+        raise ValueError(f"The model's routers ({setup.config}) differ from the checkpoint's ({config}); "
+                         "detach_routers(model) first")
+    tensors = load_file(str(path))
+    for i, layer in routed_layers(model).items():
+        if layer.router is not None:
+            layer.router.weight.data.copy_(tensors[f"layers.{i}.router.weight"])
+    set_thresholds(model, {int(i): t for i, t in json.loads(metadata["thresholds"]).items()})
+    return model

@@ -1,0 +1,291 @@
+"""Routers: config validation, zero routers == dense, real == masked (logits and generations), real skipping and
+KV-cache compaction, checkpoints."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import CONFIGS, left_padded_batch, tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from routertune_lib.routing import (
+    RouterConfig,
+    attach_routers,
+    detach_routers,
+    load_routers,
+    routed_layers,
+    routing_mode,
+    save_routers,
+    set_thresholds,
+)
+
+GRANULARITIES = list(itertools.product(("attn", "mlp", "block"), ("sequence", "token")))
+
+
+def mixed_routers(model, ids, mask, seed=0):
+    """Random router weights, then per-layer thresholds that split the batch's decisions (some kept, some skipped)."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in routed_layers(model).values():
+        layer.router.weight.data = torch.randn(layer.router.weight.shape, generator=g)
+    with torch.no_grad(), routing_mode(model, "masked"):
+        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
+    thresholds = {}
+    for d in trace.decisions:
+        s = d.score[d.weight.bool()].sort().values
+        thresholds[d.layer] = float((s[len(s) // 3 - 1 if len(s) > 3 else 0] + s[len(s) // 3 if len(s) > 3 else 1]) / 2)
+    set_thresholds(model, thresholds)
+    with torch.no_grad():
+        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
+    fractions = trace.executed_fraction()
+    assert any(0 < f < 1 for f in fractions.values()), fractions
+    return fractions
+
+
+def real_positions(logits, mask):
+    return logits[mask.bool()]
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target="ffn"), "target must be one of"),
+        (dict(level="batch"), "level must be one of"),
+        (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+        (dict(capacity=0.0), r"capacity must be in \(0, 1\]"),
+        (dict(capacity_weight=-1), "capacity_weight must be >= 0"),
+        (dict(num_layers=0), "num_layers must be an integer >= 1"),
+        (dict(num_layers=2, layers=[1]), "either num_layers or layers"),
+        (dict(layers=[1, 1]), "duplicates"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RouterConfig(**kwargs)
+
+
+def test_routed_layers_are_the_deepest_except_the_last():
+    assert RouterConfig(num_layers=16).resolve_layers(32) == list(range(15, 31))
+    assert RouterConfig().resolve_layers(30) == list(range(14, 29))
+    with pytest.raises(ValueError, match=r"num_layers must be in \[1, 5\]"):
+        RouterConfig(num_layers=6).resolve_layers(6)
+    with pytest.raises(ValueError, match="out of range"):
+        RouterConfig(layers=[7]).resolve_layers(6)
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="Supported model types"):
+        attach_routers(gpt2, RouterConfig())
+
+
+def test_router_is_zero_initialised_and_adds_only_router_keys():
+    model = tiny_model()
+    before = set(model.state_dict())
+    attach_routers(model, RouterConfig(num_layers=3))
+    added = set(model.state_dict()) - before
+    assert added == {f"model.layers.{i}.router.weight" for i in (2, 3, 4)}
+    assert all(layer.router.weight.abs().sum() == 0 for layer in routed_layers(model).values())
+    with pytest.raises(ValueError, match="already has routers"):
+        attach_routers(model, RouterConfig())
+    detach_routers(model)
+    assert set(model.state_dict()) == before
+
+
+# -- equivalences ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_zero_routers_equal_dense(arch, target, level, batch):
+    ids, mask = batch
+    model = tiny_model(arch)
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask).logits
+        dense_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(real_positions(out.logits, mask), real_positions(dense, mask), rtol=1e-5, atol=1e-5)
+    assert all(f == 1.0 for f in out.routing.executed_fraction().values())
+    assert torch.equal(gen, dense_gen)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_real_equals_masked_with_mixed_decisions(arch, target, level, attn_implementation):
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch, attn_implementation)
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        with routing_mode(model, "masked"):
+            ref = model(input_ids=ids, attention_mask=mask)
+            ref_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        real = model(input_ids=ids, attention_mask=mask)
+        real_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    torch.testing.assert_close(real_positions(real.logits, mask), real_positions(ref.logits, mask), rtol=1e-4, atol=1e-5)
+    assert real.routing.executed_fraction() == ref.routing.executed_fraction()
+    assert torch.equal(real_gen, ref_gen)
+
+
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_real_equals_masked_without_padding_and_batch_one(target, level):
+    ids, mask = left_padded_batch(lengths=(8, 8))
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    mixed_routers(model, ids, mask)
+    for rows in (slice(0, 2), slice(0, 1)):
+        with torch.no_grad():
+            with routing_mode(model, "masked"):
+                ref = model(input_ids=ids[rows]).logits
+                ref_gen = model.generate(input_ids=ids[rows], max_new_tokens=5, do_sample=False)
+            real = model(input_ids=ids[rows]).logits
+            real_gen = model.generate(input_ids=ids[rows], max_new_tokens=5, do_sample=False)
+        torch.testing.assert_close(real, ref, rtol=1e-4, atol=1e-5)
+        assert torch.equal(real_gen, ref_gen)
+
+
+# -- real skipping ----------------------------------------------------------------------------------------------
+
+
+def count_rows(module, log):
+    """Record the number of rows (batch entries x tokens) each call of ``module`` receives."""
+
+    def hook(mod, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        log.append(x.shape[:-1].numel())
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_real_mode_does_not_run_skipped_work(target, level):
+    ids, mask = left_padded_batch(lengths=(8, 8, 8))
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    fractions = mixed_routers(model, ids, mask)
+    layer_idx = next(i for i, f in fractions.items() if 0 < f < 1)
+    layer = routed_layers(model)[layer_idx]
+    module = layer.mlp if target == "mlp" else layer.self_attn
+    counted = {}
+    for mode in ("masked", "real"):
+        log = []
+        handle = count_rows(layer.mlp if target == "mlp" else layer.self_attn, log)
+        if target == "block":
+            handle2 = count_rows(layer.mlp, log)
+        with torch.no_grad(), routing_mode(model, mode):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        handle.remove()
+        if target == "block":
+            handle2.remove()
+        counted[mode] = sum(log)
+    total = ids.numel() * (2 if target == "block" else 1)
+    assert counted["masked"] == total
+    if level == "token" and target != "mlp":
+        # token-level attention bypasses the module's forward: its projections run on the kept tokens only
+        q_rows = []
+        h = module.q_proj.register_forward_pre_hook(lambda m, a: q_rows.append(a[0].shape[:-1].numel()))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        h.remove()
+        assert sum(q_rows) < ids.numel()
+    else:
+        assert counted["real"] < total
+        kept = round(fractions[layer_idx] * (ids.shape[0] if level == "sequence" else ids.numel()))
+        per_unit = ids.shape[1] if level == "sequence" else 1
+        assert counted["real"] == kept * per_unit * (2 if target == "block" else 1)
+
+
+def cache_bytes(cache) -> int:
+    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sequence_level_attention_skipping_shrinks_the_kv_cache(arch):
+    ids, mask = left_padded_batch(lengths=(8, 8, 8, 8))
+    model = tiny_model(arch)
+    with torch.no_grad():
+        dense_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    attach_routers(model, RouterConfig(target="attn", level="sequence", num_layers=4))
+    fractions = mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        with routing_mode(model, "masked"):
+            masked_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
+    per_layer = [cache_bytes(type(dense_cache)(config=model.config)) for _ in range(1)]
+    del per_layer
+    layers = len(model.model.layers)
+    skipped_fraction = sum(1 - f for f in fractions.values()) / layers
+    assert cache_bytes(masked_cache) == cache_bytes(dense_cache)
+    assert cache_bytes(out.cache) == pytest.approx(cache_bytes(dense_cache) * (1 - skipped_fraction))
+    assert cache_bytes(out.cache) < cache_bytes(dense_cache)
+
+
+def test_layer_skipped_by_every_sequence_holds_no_cache_and_generation_continues():
+    ids, mask = left_padded_batch(lengths=(6, 4))
+    model = tiny_model("gemma3")  # layer 0 is the first sliding layer, layer 1 the first full one: both routed
+    attach_routers(model, RouterConfig(target="attn", level="sequence", layers=[0, 1, 3]))
+    set_thresholds(model, 0.6)  # zero routers score 0.5 < 0.6: every sequence skips every routed layer
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        with routing_mode(model, "masked"):
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    for i in (0, 1, 3):
+        assert out.cache.layers[i].keys.numel() == 0
+    assert out.cache.get_seq_length() == ids.shape[1]
+    assert torch.equal(gen, ref)
+
+
+# -- training semantics ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_straight_through_gradient_reaches_zero_routers(target, level, batch):
+    ids, mask = batch
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=3))
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    assert out.routing.capacity().item() == 1.0
+    out.loss.backward()
+    for layer in routed_layers(model).values():
+        assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path, batch):
+    ids, mask = batch
+    model = tiny_model("qwen2")
+    attach_routers(model, RouterConfig(target="block", level="token", num_layers=3))
+    mixed_routers(model, ids, mask)
+    path = save_routers(model, tmp_path / "routers.safetensors")
+    assert path.stat().st_size < 10_000
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    fresh = tiny_model("qwen2")
+    load_routers(fresh, path)
+    with torch.no_grad():
+        got = fresh(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected)
+
+
+def test_loading_a_checkpoint_into_another_model_fails(tmp_path):
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(num_layers=2))
+    path = save_routers(model, tmp_path / "r.safetensors")
+    other = tiny_model("gemma3")
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_routers(other, path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a router checkpoint"):
+        load_routers(tiny_model("llama"), junk)
