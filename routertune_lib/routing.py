@@ -41,6 +41,7 @@ from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchSpec, arch_spec, decoder_layers
+from .models import model_identity
 
 TARGETS = ("attn", "mlp", "block")
 LEVELS = ("sequence", "token")
@@ -575,17 +576,6 @@ def routing_mode(model: nn.Module, mode: str):
         set_routing_mode(model, previous)
 
 
-def model_shape(model: nn.Module) -> dict:
-    """The base-model identity a router checkpoint must match."""
-    cfg = model.config
-    return {
-        "architecture": type(model).__name__,
-        "model_type": cfg.model_type,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-    }
-
-
 def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the routers to one safetensors file (weights, ``RouterConfig``, thresholds, base-model identity).
 
@@ -603,7 +593,7 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
         "config": json.dumps(asdict(setup.config)),
         "static_drop": json.dumps(setup.static),
         "thresholds": json.dumps({str(i): layer.routing.threshold for i, layer in layers.items()}),
-        "base_model": json.dumps(model_shape(model)),
+        "base_model": json.dumps(model_identity(model)),
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -628,7 +618,7 @@ def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} is not a router checkpoint (format {metadata.get('format')!r}, expected "
                          f"{CHECKPOINT_FORMAT!r}); create one with routertune_lib.save_routers")
     saved = json.loads(metadata["base_model"])
-    here = model_shape(model)
+    here = model_identity(model)
     mismatch = {k: (saved[k], here[k]) for k in ("model_type", "hidden_size", "num_hidden_layers") if saved[k] != here[k]}
     if mismatch:
         raise ValueError(

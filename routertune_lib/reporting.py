@@ -1,0 +1,59 @@
+"""Writing results: tables (CSV + Markdown), JSON records with provenance, figures; always atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str, floatfmt: str = ".3f") -> tuple[Path, Path]:
+    """``<out_dir>/<name>.csv`` and ``<out_dir>/<name>.md``."""
+    out_dir = Path(out_dir)
+    csv = write_atomic(out_dir / f"{name}.csv", df.to_csv(index=False))
+    md = write_atomic(out_dir / f"{name}.md", df.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+    return csv, md
+
+
+def run_info() -> dict:
+    """Provenance of a run: library versions, machine, git commit of this checkout."""
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,64 @@
+"""Run every notebook in ``notebooks/`` in order with papermill (``make reproduce``).
+
+Executed copies go to ``notebooks/executed/<profile>/``; a notebook whose executed copy finished is skipped, so an
+interrupted run started again continues where it stopped (``--force`` re-runs everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+PROFILES = ("smoke", "cpu", "paper")
+ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("routertune.reproduce")
+
+
+def finished(executed: Path) -> bool:
+    """True when ``executed`` is a notebook papermill ran to the end without an exception."""
+    if not executed.exists():
+        return False
+    meta = json.loads(executed.read_text()).get("metadata", {}).get("papermill", {})
+    return meta.get("exception") is False and meta.get("end_time") is not None
+
+
+def run_notebooks(profile: str, notebooks_dir: Path, only: list[str] | None = None, force: bool = False) -> list[Path]:
+    """Execute ``notebooks_dir/*.ipynb`` in name order with ``profile``; returns the executed copies."""
+    import papermill as pm
+
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile {profile!r}; valid profiles: {PROFILES}")
+    out_dir = notebooks_dir / "executed" / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = []
+    for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")):
+        if only and nb.stem not in only:
+            continue
+        executed = out_dir / nb.name
+        if finished(executed) and not force:
+            log.info("skip %s (finished earlier: %s)", nb.name, executed)
+        else:
+            log.info("run %s (profile=%s)", nb.name, profile)
+            start = time.time()
+            pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile}, cwd=str(notebooks_dir))
+            log.info("done %s in %.0f s", nb.name, time.time() - start)
+        done.append(executed)
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
+    parser.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to run")
+    parser.add_argument("--force", action="store_true", help="re-run notebooks that finished earlier")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_notebooks(args.profile, ROOT / "notebooks", args.only, args.force)
+
+
+if __name__ == "__main__":
+    main()
