@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import cache_dir
 
@@ -222,3 +222,36 @@ def model_identity(model: PreTrainedModel) -> dict:
 
 def _builtin_list() -> str:
     return ", ".join(BUILTIN_MODELS)
+
+
+def tiny_random_model(
+    tokenizer_from: str = DEFAULT_MODEL, num_layers: int = 4, hidden_size: int = 64, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A randomly initialised, tiny model of ``tokenizer_from``'s architecture, with its real tokenizer.
+
+    For smoke runs of notebooks and tests: seconds to build, real chat template and vocabulary, meaningless outputs.
+    """
+    base_dir = builtin_cache_path(tokenizer_from) if tokenizer_from in BUILTIN_MODELS else Path(tokenizer_from)
+    if tokenizer_from in BUILTIN_MODELS and not base_dir.is_dir():
+        _convert_builtin(BUILTIN_MODELS[tokenizer_from], base_dir)
+    config = AutoConfig.from_pretrained(base_dir)
+    heads = max(1, hidden_size // 16)
+    config.update(
+        dict(
+            num_hidden_layers=num_layers,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=hidden_size // heads,
+        )
+    )
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.config.name_or_path = f"tiny-random-{tokenizer_from}"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    _prepare_tokenizer(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

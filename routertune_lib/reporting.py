@@ -57,3 +57,11 @@ def run_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def results_dir(name: str, profile: str) -> Path:
+    """``results/<name>/<profile>/`` of this checkout, or under ``$ROUTERTUNE_RESULTS`` when set (tests use it)."""
+    base = Path(os.environ.get("ROUTERTUNE_RESULTS", Path(__file__).resolve().parent.parent / "results"))
+    path = base / name / profile
+    path.mkdir(parents=True, exist_ok=True)
+    return path

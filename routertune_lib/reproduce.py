@@ -26,13 +26,29 @@ def finished(executed: Path) -> bool:
     return meta.get("exception") is False and meta.get("end_time") is not None
 
 
-def run_notebooks(profile: str, notebooks_dir: Path, only: list[str] | None = None, force: bool = False) -> list[Path]:
+def check_parameters(notebook: Path, parameters: dict) -> None:
+    """Raise ``ValueError`` if ``parameters`` names anything the notebook's ``parameters`` cell does not define."""
+    import papermill as pm
+
+    valid = set(pm.inspect_notebook(str(notebook)))
+    unknown = sorted(set(parameters) - valid)
+    if unknown:
+        raise ValueError(f"{notebook.name}: unknown parameters {unknown}; valid parameters: {sorted(valid)}")
+    if parameters.get("profile", "cpu") not in PROFILES:
+        raise ValueError(f"Unknown profile {parameters['profile']!r}; valid profiles: {PROFILES}")
+
+
+def run_notebooks(
+    profile: str,
+    notebooks_dir: Path,
+    only: list[str] | None = None,
+    force: bool = False,
+    out_dir: Path | None = None,
+) -> list[Path]:
     """Execute ``notebooks_dir/*.ipynb`` in name order with ``profile``; returns the executed copies."""
     import papermill as pm
 
-    if profile not in PROFILES:
-        raise ValueError(f"Unknown profile {profile!r}; valid profiles: {PROFILES}")
-    out_dir = notebooks_dir / "executed" / profile
+    out_dir = out_dir or notebooks_dir / "executed" / profile
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
     for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")):
@@ -42,6 +58,7 @@ def run_notebooks(profile: str, notebooks_dir: Path, only: list[str] | None = No
         if finished(executed) and not force:
             log.info("skip %s (finished earlier: %s)", nb.name, executed)
         else:
+            check_parameters(nb, {"profile": profile})
             log.info("run %s (profile=%s)", nb.name, profile)
             start = time.time()
             pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile}, cwd=str(notebooks_dir))

@@ -1,0 +1,186 @@
+"""Agreement and speed of routertune's harness against LM-Evaluation-Harness 0.4.x on the same docs and model.
+
+For each task the evaluated subset of our rows (``load_task``, same seeded ``limit`` subset as ``evaluate``) is
+exported to JSONL, and a task YAML is written (in a temp dir) that ``include``s lm-eval's own task config and only
+points it at the local file (``dataset_path: json``, ``dataset_kwargs.data_files``). MMLU gets one YAML per sampled
+subject including lm-eval's ``mmlu_<subject>.yaml``; its metric is the accuracy over all questions (the size-weighted
+group mean). lm-eval's ``hf`` model (HFLM) wraps the same loaded model object; both harnesses use the same batch
+size. Prints per task: both metrics, per-example choice disagreements, max |loglik difference|, examples/s.
+
+    python benchmarks/lm_eval_agreement.py --tasks piqa,hellaswag,mmlu --limit 50 --num-fewshot 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from routertune_lib import data
+from routertune_lib import evaluation as ev
+
+
+def lm_eval_task_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks"
+
+
+def _find_yaml(name: str) -> Path:
+    tasks = lm_eval_task_dir()
+    known = {
+        "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
+        "boolq": "super_glue/boolq/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+        "openbookqa": "openbookqa/openbookqa.yaml", "piqa": "piqa/piqa.yaml", "rte": "glue/rte/default.yaml",
+        "winogrande": "winogrande/default.yaml",
+    }
+    if name.startswith("mmlu_"):
+        return tasks / "mmlu" / "default" / f"{name}.yaml"
+    return tasks / known[name]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def export_task(name: str, limit: int | None, seed: int, shots: int, out: Path) -> list[tuple[str, list[int]]]:
+    """Write JSONL + YAML(s) for one task; returns [(lm-eval task name, our doc ids in file order)]."""
+    info = data.TASKS[name]
+    ds = data.load_task(name)
+    idx = ev.subset_indices(len(ds), limit, seed, name)
+    rows = ds.select(idx).to_list()
+    few = data.load_task(name, "fewshot").to_list() if shots else None
+    parts: list[tuple[str, list[dict], list[int], list[dict] | None]] = []
+    if name == "mmlu":
+        by, ids = defaultdict(list), defaultdict(list)
+        for i, r in zip(idx, rows):
+            by[r["subject"]].append(r)
+            ids[r["subject"]].append(i)
+        fby = defaultdict(list)
+        for r in few or []:
+            fby[r["subject"]].append(r)
+        parts = [(f"mmlu_{s}", by[s], ids[s], fby.get(s)) for s in sorted(by)]
+    else:
+        parts = [(name, rows, idx, few)]
+    made = []
+    for lm_name, prows, pidx, pfew in parts:
+        ours = f"rtagree_{lm_name}"
+        files = {"eval": str(out / f"{ours}.jsonl")}
+        _write_jsonl(Path(files["eval"]), prows)
+        lines = [
+            f"include: {_find_yaml(lm_name)}", f"task: {ours}", "tag: []", "dataset_path: json", "dataset_name: null",
+        ]
+        split_files = {info.eval_split: files["eval"]}
+        if pfew is not None:
+            fpath = out / f"{ours}.fewshot.jsonl"
+            _write_jsonl(fpath, pfew)
+            fs_split = "dev" if name == "mmlu" else info.fewshot_split
+            split_files.setdefault(fs_split, str(fpath))
+        lines.append("dataset_kwargs:\n  data_files:\n" + "".join(f"    {k}: {v}\n" for k, v in split_files.items()))
+        for key in ("training_split", "validation_split", "test_split"):
+            want = {"training_split": "train", "validation_split": "validation", "test_split": "test"}[key]
+            lines.append(f"{key}: {want if want in split_files else 'null'}")
+        if name == "mmlu":
+            lines.append(f"fewshot_split: {'dev' if pfew is not None else 'null'}")
+        (out / f"{ours}.yaml").write_text("\n".join(lines) + "\n")
+        made.append((ours, pidx))
+    return made
+
+
+def run(task_names, limit, shots, seed, batch_size, model_name, share_context=True, repeats=2):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from routertune_lib.models import load_model
+
+    model, tok = load_model(model_name, device="cpu")
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    with torch.no_grad():  # warm-up
+        model(input_ids=torch.tensor([tok.encode("warm up the kernels")]))
+    report = {"model": model_name, "limit": limit, "num_fewshot": shots, "batch_size": batch_size, "seed": seed, "repeats": repeats,
+              "torch_threads": torch.get_num_threads(), "tasks": {}}
+    with tempfile.TemporaryDirectory(prefix="rtagree-") as tmp:
+        tmp = Path(tmp)
+        for name in task_names:
+            task = ev.get_task(name)
+            made = export_task(name, limit, seed, shots, tmp)
+            tm = TaskManager(include_path=str(tmp))
+            t_lm = t_ours = float("inf")  # best of `repeats` wall times (the machine is shared), alternating
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                res = simple_evaluate(
+                    model=lm, tasks=[m for m, _ in made], num_fewshot=shots, task_manager=tm, log_samples=True,
+                    batch_size=batch_size, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                    torch_random_seed=seed, fewshot_random_seed=seed,
+                )
+                t_lm = min(t_lm, time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                ours = ev.evaluate(model, tok, [name], num_fewshot=shots, limit=limit, seed=seed,
+                                   batch_size=batch_size, cache=False, share_context=share_context).tasks[name]
+                t_ours = min(t_ours, time.perf_counter() - t0)
+            by_id = {r["doc_id"]: r for r in ours.records}
+            dis, dis_other, max_dll, correct = 0, 0, 0.0, []
+            for lm_task, pidx in made:
+                for s in res["samples"][lm_task]:
+                    rec = by_id[pidx[s["doc_id"]]]
+                    lls = np.array([float(r[0]) for r in s["filtered_resps"]])
+                    lens = np.array(rec["char_len"])
+                    pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / lens))
+                    mine = rec["pred_norm"] if task.metric == "acc_norm" else rec["pred"]
+                    theirs = pred_norm if task.metric == "acc_norm" else pred
+                    dis += int(mine != theirs)
+                    dis_other += int((rec["pred"], rec["pred_norm"]) != (pred, pred_norm))
+                    max_dll = max(max_dll, float(np.abs(lls - np.array(rec["loglik"])).max()))
+                    correct.append(float(s[task.metric]))
+            n = len(correct)
+            row = {
+                "metric": task.metric, "n": n, "lm_eval": float(np.mean(correct)), "ours": ours.score,
+                "disagreements": dis, "disagreements_acc_or_norm": dis_other, "max_abs_loglik_diff": max_dll,
+                "lm_eval_s": t_lm, "ours_s": t_ours, "lm_eval_ex_per_s": n / t_lm, "ours_ex_per_s": n / t_ours,
+                "speedup": t_lm / t_ours,
+            }
+            report["tasks"][name] = row
+            print(
+                f"{name:12s} {task.metric:8s} n={n:4d} lm-eval={row['lm_eval']:.4f} ours={row['ours']:.4f} "
+                f"disagree={dis} (acc|norm {dis_other}) max|dll|={max_dll:.2e} "
+                f"ex/s lm-eval={row['lm_eval_ex_per_s']:.2f} ours={row['ours_ex_per_s']:.2f} "
+                f"speedup={row['speedup']:.2f}x",
+                flush=True,
+            )
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="piqa,hellaswag,mmlu")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--no-share-context", action="store_true")
+    p.add_argument("--repeats", type=int, default=2, help="time each harness this many times, keep the best")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    report = run(args.tasks.split(","), args.limit, args.num_fewshot, args.seed, args.batch_size, args.model,
+                 share_context=not args.no_share_context, repeats=args.repeats)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

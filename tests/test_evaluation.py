@@ -1,0 +1,368 @@
+"""Evaluation harness: prompts vs lm-eval, scoring engine equivalences, subsets, cache, bootstrap, fidelity."""
+
+import dataclasses
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from routertune_lib import evaluation as ev
+from routertune_lib.routing import RouterConfig, attach_routers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def char_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
+    """Character-level tokenizer with 96 ids: <pad>, <unk>, newline, ' '..'|'."""
+    vocab = {"<pad>": 0, "<unk>": 1, "\n": 2}
+    for c in range(32, 125):
+        vocab[chr(c)] = len(vocab)
+    assert len(vocab) == 96
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    kw = dict(unk_token="<unk>", eos_token="<unk>")
+    if pad:
+        kw["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+
+
+def random_requests(seed=0, n_ctx=5, vocab=96):
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for _ in range(n_ctx):
+        ctx = torch.randint(3, vocab, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            cont = torch.randint(3, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+            reqs.append((ctx, cont))
+    reqs.append((reqs[0][0][:3], [5]))  # a 1-token continuation on a short context
+    return reqs
+
+
+def reference_logliks(model, reqs):
+    """Each context + continuation alone, full logits, no padding."""
+    out = []
+    with torch.no_grad():
+        for ctx, cont in reqs:
+            ids = torch.tensor([ctx + cont[:-1]])
+            lp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, len(ctx) - 1 :]
+            out.append(float(lp.gather(-1, torch.tensor(cont)[:, None]).sum()))
+    return np.array(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scoring engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_shared_context_equals_separate_and_full_logits(arch):
+    model = tiny_model(arch)
+    reqs = random_requests()
+    ref = reference_logliks(model, reqs)
+    shared = np.array([ll for ll, _ in ev.loglikelihoods(model, reqs, batch_size=3, share_context=True)])
+    sep = np.array([ll for ll, _ in ev.loglikelihoods(model, reqs, batch_size=4, share_context=False)])
+    np.testing.assert_allclose(shared, ref, atol=1e-4)
+    np.testing.assert_allclose(sep, ref, atol=1e-4)
+
+
+def test_batching_and_order_do_not_change_results():
+    model = tiny_model("llama")
+    reqs = random_requests(seed=3)
+    base = ev.loglikelihoods(model, reqs, batch_size=16)
+    perm = np.random.default_rng(0).permutation(len(reqs))
+    shuffled = ev.loglikelihoods(model, [reqs[i] for i in perm], batch_size=2)
+    for k, i in enumerate(perm):
+        assert abs(shuffled[k][0] - base[i][0]) < 1e-4 and shuffled[k][1] == base[i][1]
+
+
+def test_truncation_keeps_last_tokens():
+    model = tiny_model("llama")
+    ctx, cont = list(range(3, 40)), [7, 8]
+    (ll, _), = ev.loglikelihoods(model, [(ctx, cont)], max_length=10)
+    (ref, _), = ev.loglikelihoods(model, [(ctx[-9:], cont)], max_length=100)
+    assert abs(ll - ref) < 1e-5
+
+
+@pytest.mark.parametrize("target,level", [("attn", "sequence"), ("block", "sequence"), ("attn", "token")])
+def test_routed_shared_context_cache_expansion(target, level):
+    """Expanding a (compact) routed cache to one row per choice == scoring each request on its own."""
+    model = attach_routers(tiny_model("llama"), RouterConfig(target=target, level=level, num_layers=3))
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        if getattr(layer, "router", None) is not None:
+            torch.nn.init.normal_(layer.router.weight, std=2.0)
+    reqs = random_requests(seed=5, n_ctx=6)
+    stats = ev.RoutingStats()
+    batched = [ll for ll, _ in ev.loglikelihoods(model, reqs, batch_size=4, stats=stats)]
+    single = [ev.loglikelihoods(model, [r])[0][0] for r in reqs]
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+    frac = stats.summary()["overall"]
+    assert 0.0 < frac < 1.0  # some inputs skipped, some executed
+    if level == "token":  # token decisions are causal: shared == whole-sequence scoring
+        sep = [ll for ll, _ in ev.loglikelihoods(model, reqs, share_context=False)]
+        np.testing.assert_allclose(batched, sep, atol=1e-4)
+
+
+def test_zero_routers_equal_dense():
+    dense = tiny_model("llama")
+    routed = attach_routers(tiny_model("llama"), RouterConfig(level="sequence"))
+    reqs = random_requests(seed=2)
+    a = [ll for ll, _ in ev.loglikelihoods(dense, reqs)]
+    stats = ev.RoutingStats()
+    b = [ll for ll, _ in ev.loglikelihoods(routed, reqs, stats=stats)]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert stats.summary()["overall"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tokenization, prompts
+
+
+def test_encode_pair_moves_trailing_space_and_empty_context():
+    tok = char_tokenizer()
+    ctx, cont = ev.encode_pair(tok, "Answer: ", "yes")
+    assert tok.decode(ctx) == "Answer:" and tok.decode(cont) == " yes"
+    ctx, cont = ev.encode_pair(tok, "", "ab")
+    assert ctx == [tok.eos_token_id] and tok.decode(cont) == "ab"
+
+
+def test_fewshot_format_and_sampler_are_lm_eval_like():
+    task = ev.MC_TASKS["piqa"]
+    pool = [{"goal": f"g{i}", "sol1": f"a{i}", "sol2": f"b{i}", "label": i % 2} for i in range(10)]
+    s1, s2 = ev.FewshotSampler(task, pool, 1234, False), ev.FewshotSampler(task, pool, 1234, False)
+    doc = {"goal": "G", "sol1": "x", "sol2": "y", "label": 0}
+    ex = s1.sample(2, doc)
+    assert ex == s2.sample(2, doc)  # seeded
+    import random
+
+    assert ex == random.Random(1234).sample(pool, 2)  # lm-eval: rnd.sample(fewshot_docs, n)
+    ctx, cont = task.requests(doc, ex)[1]
+    expect = "".join(f"Question: {e['goal']}\nAnswer: {e['sol1' if e['label'] == 0 else 'sol2']}\n\n" for e in ex)
+    assert ctx == expect + "Question: G\nAnswer:" and cont == " y"
+    # winogrande: partial scoring, few-shot examples show the gold-filled sentence
+    wino = ev.MC_TASKS["winogrande"]
+    d = {"sentence": "A beat B because _ was fast.", "option1": "A", "option2": "B", "answer": "1"}
+    assert wino.requests(d) == [("A beat B because A", " was fast."), ("A beat B because B", " was fast.")]
+    assert wino.example_text(d) == "A beat B because A was fast.\n\n"
+    # first_n per subject with exclusion of nothing (dev != test)
+    mmlu = ev.MC_TASKS["mmlu"]
+    pool = [{"subject": s, "question": f"q{s}{i}", "choices": list("wxyz"), "answer": i % 4} for s in "ab" for i in range(6)]
+    ex = ev.FewshotSampler(mmlu, pool, 0, False).sample(5, {"subject": "b"})
+    assert [e["question"] for e in ex] == [f"qb{i}" for i in range(5)]
+
+
+def test_subset_indices_seeded_and_whole_split(caplog):
+    a = ev.subset_indices(1000, 30, 1234, "piqa")
+    assert a == ev.subset_indices(1000, 30, 1234, "piqa") and a == sorted(a) and len(set(a)) == 30
+    assert a != ev.subset_indices(1000, 30, 1, "piqa")
+    with caplog.at_level("INFO"):
+        assert ev.subset_indices(10, 50, 0, "rte") == list(range(10))
+    assert "whole split" in caplog.text
+
+
+def test_unknown_task_lists_known():
+    with pytest.raises(ValueError, match="known tasks: .*hellaswag"):
+        ev.evaluate(tiny_model(), char_tokenizer(), ["nope"], cache=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate() end to end on synthetic data
+
+
+def _fake_rows(name, n):
+    if name == "piqa":
+        return [{"goal": f"Do thing {i}", "sol1": f"way {i}", "sol2": f"other way {i * 7}", "label": i % 2} for i in range(n)]
+    if name == "winogrande":
+        return [{"sentence": f"Tom told Ann that _ was late {i}.", "option1": "Tom", "option2": "Ann",
+                 "answer": "12"[i % 2]} for i in range(n)]
+    if name == "mmlu":
+        return [{"question": f"What is {i}+1?", "subject": ["algebra", "anatomy"][i % 2],
+                 "choices": [str(i), str(i + 1), str(i + 2), "x"], "answer": 1} for i in range(n)]
+    raise KeyError(name)
+
+
+@pytest.fixture
+def fake_data(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROUTERTUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def load_task(name, split="eval", subject=None):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(_fake_rows(name, 40 if split == "eval" else 12))
+
+    monkeypatch.setattr(ev._data, "load_task", load_task)
+    return calls
+
+
+def test_evaluate_end_to_end_cache_and_records(fake_data, tmp_path):
+    model, tok = tiny_model(), char_tokenizer(pad=False)  # no pad token: handled
+    tasks = ["piqa", "winogrande", "mmlu"]
+    r1 = ev.evaluate(model, tok, tasks, num_fewshot={"piqa": 0, "winogrande": 2, "mmlu": 2}, limit=15, batch_size=4)
+    assert set(r1.tasks) == set(tasks)
+    for t in tasks:
+        res = r1.tasks[t]
+        assert res.n == 15 and not res.cached
+        assert [r["doc_id"] for r in res.records] == ev.subset_indices(40, 15, 1234, t)
+        rec = res.records[0]
+        assert len(rec["loglik"]) == rec["num_choices"] == len(rec["byte_len"])
+        assert res.metrics["acc"] == np.mean([r["acc"] for r in res.records])
+    assert r1.tasks["mmlu"].chance == 0.25 and r1.tasks["piqa"].chance == 0.5
+    assert set(r1.tasks["mmlu"].subtasks) == {"algebra", "anatomy"}
+    assert r1.average is None and r1.partial_average is not None
+    df = r1.to_dataframe()
+    assert list(df.task) == tasks
+    # cache hit on re-run, identical results
+    r2 = ev.evaluate(model, tok, tasks, num_fewshot={"piqa": 0, "winogrande": 2, "mmlu": 2}, limit=15, batch_size=4)
+    assert all(r.cached for r in r2.tasks.values())
+    assert r2.tasks["piqa"].records == r1.tasks["piqa"].records
+    assert list((tmp_path / "eval").glob("piqa-*.json"))
+    # routers change the key
+    routed = attach_routers(tiny_model(), RouterConfig())
+    r3 = ev.evaluate(routed, tok, ["piqa"], num_fewshot=0, limit=15)
+    assert not r3.tasks["piqa"].cached and r3.routing["overall"] == 1.0
+    # save / load
+    path = r1.save(tmp_path / "out" / "res.json")
+    assert ev.EvalResults.load(path).tasks["mmlu"].metrics == r1.tasks["mmlu"].metrics
+    # self-comparison
+    cmp = ev.compare(r1, r2, n_boot=200)
+    assert cmp["tasks"]["piqa"]["agreement"] == 1.0 and cmp["average"]["diff"] == 0.0
+    assert ev.choice_agreement(r1, r2) == {t: 1.0 for t in tasks}
+
+
+def _synthetic(correct: list[float]) -> ev.EvalResults:
+    recs = [{"task": "piqa", "doc_id": i, "acc_norm": c, "acc": c, "chosen": int(c)} for i, c in enumerate(correct)]
+    r = ev.TaskResult("piqa", "acc_norm", 0, len(recs), {"acc_norm": float(np.mean(correct))}, {}, 0.5, recs)
+    return ev.EvalResults({"piqa": r}, {})
+
+
+def test_paired_bootstrap_ci():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 300).astype(float).tolist()
+    same = ev.compare(_synthetic(a), _synthetic(a), n_boot=2000)["tasks"]["piqa"]
+    assert same["ci_low"] <= 0.0 <= same["ci_high"]
+    noisy = [1.0 - x if rng.random() < 0.1 else x for x in a]  # random flips both ways: no real difference
+    d = ev.compare(_synthetic(a), _synthetic(noisy), n_boot=2000)["tasks"]["piqa"]
+    assert d["ci_low"] <= d["diff"] <= d["ci_high"]
+    better = [1.0 if rng.random() < 0.5 else x for x in a]  # strictly better on ~25% of examples
+    d = ev.compare(_synthetic(a), _synthetic(better), n_boot=2000)
+    assert d["tasks"]["piqa"]["ci_low"] > 0 and d["average"]["ci_low"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation, perplexity, KL
+
+
+def test_generative_task_and_generate_until(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROUTERTUNE_CACHE", str(tmp_path))
+    rows = [{"question": f"Calculate {i} + 1 =", "answer": str(i + 1)} for i in range(12)]
+    task = dataclasses.replace(ev.GEN_TASKS["arithmetic"], load=lambda split: rows, max_new_tokens=6)
+    monkeypatch.setitem(ev.TASK_REGISTRY, "arithmetic", task)
+    model, tok = tiny_model(), char_tokenizer()
+    res = ev.evaluate(model, tok, ["arithmetic"], num_fewshot=2, limit=5, batch_size=2).tasks["arithmetic"]
+    assert res.n == 5 and res.metric == "exact_match" and 0.0 <= res.score <= 1.0
+    assert all("\n" not in r["generation"] for r in res.records)
+    assert ev.normalize_answer("The answer is #### 1,234.") == "1234"
+
+
+def test_perplexity_and_kl():
+    model, tok = tiny_model(), char_tokenizer()
+    texts = ["hello world, this is a test.", "another line of text here!"]
+    full = ev.perplexity(model, tok, texts, max_length=64)
+    ids = torch.tensor([ev.tok_encode(tok, "\n\n".join(texts))])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits, -1)[0, :-1].gather(-1, ids[0, 1:, None])
+    assert abs(full["nll"] + float(lp.mean())) < 1e-5 and full["tokens"] == ids.shape[1] - 1
+    strided = ev.perplexity(model, tok, texts, max_length=16, stride=8)
+    assert strided["tokens"] == full["tokens"] and np.isfinite(strided["ppl"])
+    assert ev.mean_kl(model, model, tok, texts) < 1e-8
+    routed = attach_routers(tiny_model(), RouterConfig(target="block", level="token"))
+    for layer in routed.model.layers:
+        if getattr(layer, "router", None) is not None:
+            torch.nn.init.normal_(layer.router.weight, std=2.0)
+    kl = ev.mean_kl(routed, routed, tok, texts, dense_context=lambda: ev.all_layers_executed(routed))
+    assert abs(kl - ev.mean_kl(model, routed, tok, texts)) < 1e-5 and kl > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real data / lm-eval
+
+
+LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+
+
+def _render(field, doc):
+    """lm-eval's field semantics: a function, a list, a doc key, or a Jinja template (``apply_template``)."""
+    import ast
+
+    from lm_eval.utils import apply_template
+
+    if callable(field):
+        return field(doc)
+    if isinstance(field, list):
+        return field
+    if field in doc:
+        return doc[field]
+    out = apply_template(field, doc)
+    return ast.literal_eval(out) if out[:1] in "[0123456789" else out
+
+
+@pytest.mark.data
+@pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
+@pytest.mark.parametrize("name", sorted(ev.MC_TASKS))
+def test_prompts_match_lm_eval_templates(name):
+    """Render lm-eval's own YAML (templates, process_docs, !functions, description) on real docs."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    spec = importlib.util.spec_from_file_location("lm_eval_agreement", ROOT / "benchmarks" / "lm_eval_agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    _find_yaml = agreement._find_yaml
+
+    ours = ev.MC_TASKS[name]
+    ds = ev._data.load_task(name)
+    idx = ev.subset_indices(len(ds), 3, 0, name)
+    _, docs = ev.task_docs(name, limit=3, seed=0)
+    for doc, raw in zip(docs, ds.select(idx).to_list()):
+        lm_name = f"mmlu_{raw['subject']}" if name == "mmlu" else name
+        cfg = load_yaml(_find_yaml(lm_name))
+        lm_doc = cfg["process_docs"](datasets.Dataset.from_list([raw]))[0] if "process_docs" in cfg else raw
+        text = _render(cfg["doc_to_text"], lm_doc)
+        choices = _render(cfg["doc_to_choice"], lm_doc)
+        target = _render(cfg["doc_to_target"], lm_doc)
+        desc = cfg.get("description", "")
+        if ours.multiple_input:
+            assert ours.requests(doc) == [(c, " " + target) for c in choices]
+            assert ours.gold(doc) == text
+        else:
+            assert ours.requests(doc) == [(desc + text, " " + c) for c in choices]
+            assert ours.gold(doc) == int(target)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+@pytest.mark.data
+@pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
+def test_lm_eval_agreement_identical_choices(tmp_path):
+    """benchmarks/lm_eval_agreement.py on SmolLM2: identical per-example choices on a few docs."""
+    out = tmp_path / "agreement.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lm_eval_agreement.py"), "--tasks", "piqa,winogrande,mmlu",
+         "--limit", "8", "--num-fewshot", "0", "--json", str(out)],
+        capture_output=True, text=True, timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    res = json.loads(out.read_text())
+    for task, row in res["tasks"].items():
+        assert row["disagreements"] == 0, (task, row)
+        assert abs(row["ours"] - row["lm_eval"]) < 1e-9
