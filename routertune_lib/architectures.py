@@ -57,7 +57,9 @@ def arch_spec(model: nn.Module) -> ArchSpec:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ``ModuleList`` of decoder layers of a ``*ForCausalLM`` model (``model.model.layers``)."""
+    """The ``ModuleList`` of decoder layers of a ``*ForCausalLM`` model (``model.model.layers``; peft-wrapped too)."""
+    if hasattr(model, "get_base_model"):  # a peft PeftModel around the causal LM
+        model = model.get_base_model()
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(

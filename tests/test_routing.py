@@ -289,3 +289,28 @@ def test_loading_a_checkpoint_into_another_model_fails(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a router checkpoint"):
         load_routers(tiny_model("llama"), junk)
+
+
+# -- the bundled pretrained models ---------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+@pytest.mark.parametrize("target, level", [("attn", "sequence"), ("block", "token")])
+def test_real_equals_masked_on_bundled_models(name, target, level):
+    from routertune_lib.models import load_model
+
+    model, tokenizer = load_model(name, device="cpu")
+    prompts = ["The capital of France is", "Water boils at a temperature of", "Once upon a time"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=6))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        with routing_mode(model, "masked"):
+            ref = model(input_ids=ids, attention_mask=mask).logits
+            ref_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        real = model(input_ids=ids, attention_mask=mask).logits
+        real_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.testing.assert_close(real_positions(real, mask), real_positions(ref, mask), rtol=1e-4, atol=1e-4)
+    assert torch.equal(real_gen, ref_gen)

@@ -1,0 +1,260 @@
+"""Router-Tuning trainer: tokenization, what trains, capacity loss, resume, determinism, calibration, multi-process."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _two_process_train import TRAIN, conversations, tiny_tokenizer
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from routertune_lib.routing import RouterConfig, attach_routers, router_parameters, routed_layers, set_thresholds
+from routertune_lib.training import (
+    LoraSettings,
+    TrainConfig,
+    calibrate_thresholds,
+    tokenize_conversations,
+    train_routers,
+)
+
+
+def _config(tmp_path, name="run", **kw) -> TrainConfig:
+    return TrainConfig(**{**TRAIN, **kw}, output_dir=str(tmp_path / name))
+
+
+def _routers(model) -> dict[str, torch.Tensor]:
+    return {str(i): layer.router.weight.detach().clone() for i, layer in routed_layers(model).items()}
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters()}
+
+
+# -- tokenization and config --------------------------------------------------------------------------------------
+
+
+def test_labels_cover_exactly_the_assistant_turns(caplog):
+    tok = tiny_tokenizer()
+    conv = {"messages": [
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello."}, {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "ok bye"},
+    ]}
+    (row,) = tokenize_conversations(tok, [conv], max_length=200)
+    assert tok.decode(row["input_ids"]) == tok.apply_chat_template(conv["messages"], tokenize=False)
+    labelled = [t for t, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    assert [label for label in row["labels"] if label != -100] == labelled
+    assert tok.decode(labelled) == "hello.<|end|>\nok bye<|end|>\n"
+
+    # truncated inside the first user turn: no assistant token left -> dropped, counted and logged
+    with caplog.at_level(logging.WARNING, logger="routertune_lib.training"):
+        rows = tokenize_conversations(tok, [conv, conv], max_length=20)
+    assert rows == [] and "dropped 2 of 2 conversations" in caplog.text
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="learning_rate must be > 0"):
+        TrainConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        TrainConfig(global_batch_size=10, micro_batch_size=4)
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainConfig(train_routers=False)
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="valid keys: .*learning_rate"):
+        TrainConfig.from_dict({"lr": 1e-4})
+    cfg = TrainConfig.from_dict({"lora": {"r": 4}, "train_routers": False})
+    assert cfg.lora == LoraSettings(r=4) and cfg.lora.target_modules[0] == "q_proj"
+    with pytest.raises(ValueError, match="valid keys"):
+        TrainConfig.from_dict({"lora": {"rank": 4}})
+
+
+# -- what trains ---------------------------------------------------------------------------------------------------
+
+
+def test_only_routers_change_and_backbone_is_bit_identical(tmp_path):
+    model = tiny_model("qwen2")
+    before = _snapshot(model)
+    result = train_routers(model, tiny_tokenizer(), conversations(16), RouterConfig(num_layers=3), _config(tmp_path))
+    after = _snapshot(model)
+    routers = {n for n in after if ".router." in n}
+    assert len(routers) == 3 and result.trainable_parameters == 3 * 32
+    assert all(torch.equal(before[n], after[n]) for n in before)  # backbone untouched, bit for bit
+    assert all(not torch.equal(after[n], torch.zeros_like(after[n])) for n in routers)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert result.completed and result.router_path == tmp_path / "run" / "routers.safetensors"
+    saved = load_file(str(result.router_path))
+    assert all(torch.equal(saved[f"layers.{i}.router.weight"], w) for i, w in _routers(model).items())
+    rows = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and {"capacity_L2", "task_loss", "lr", "tokens_per_s"} <= set(rows[0])
+    assert (tmp_path / "run" / "train_log.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("train_routers_too", [True, False])
+def test_lora_changes_only_lora_and_router_params(tmp_path, train_routers_too):
+    rc = RouterConfig(num_layers=3, level="token")
+    model = attach_routers(tiny_model("llama"), rc)  # routers already attached: train_routers uses them
+    base_before = _snapshot(model)
+    cfg = _config(tmp_path, lora=LoraSettings(r=2, dropout=0.0), train_routers=train_routers_too)
+    result = train_routers(model, tiny_tokenizer(), conversations(16), rc, cfg)
+    after = _snapshot(model)  # the base model, with LoRA modules injected in place
+    lora = {n for n in after if "lora_" in n}
+    assert lora and all(torch.equal(base_before[n], after[n]) for n in base_before if ".router." not in n)
+    assert any(not torch.equal(after[n], torch.zeros_like(after[n])) for n in lora if "lora_B" in n)
+    routers_changed = [not torch.equal(after[n], base_before[n]) for n in after if ".router." in n]
+    assert all(routers_changed) if train_routers_too else not any(routers_changed)
+    assert (result.adapter_path / "adapter_model.safetensors").is_file()
+    adapter = load_file(str(result.adapter_path / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)  # adapters only: no router or backbone weights
+    assert type(result.model).__name__.startswith("PeftModel")
+    assert result.history[-1]["capacity"] <= 1.0
+
+
+# -- the capacity loss -------------------------------------------------------------------------------------------
+
+
+def test_capacity_loss_pushes_capacity_toward_the_target(tmp_path):
+    rc = RouterConfig(num_layers=3, level="token", capacity=0.5, capacity_weight=1.0)
+    result = train_routers(tiny_model("llama"), tiny_tokenizer(), conversations(16), rc, _config(tmp_path, epochs=2))
+    capacities = [r["capacity"] for r in result.history]
+    penalties = [r["capacity_loss"] for r in result.history]
+    assert capacities[0] == 1.0 and penalties[0] == pytest.approx(0.5)  # zero routers: dense
+    # Adam's first step moves every score the same distance, so the first drop can overshoot the target
+    assert capacities[-1] < 0.9 and penalties[-1] < 0.4 * penalties[0], capacities
+
+
+def test_without_capacity_loss_routers_still_get_a_gradient_at_step_zero(tmp_path):
+    model = tiny_model("llama")
+    rc = RouterConfig(num_layers=3, capacity_weight=0.0)
+    result = train_routers(model, tiny_tokenizer(), conversations(16), rc, _config(tmp_path), stop_after=1)
+    assert result.history[0]["capacity"] == 1.0 and result.history[0]["capacity_loss"] == 0.0
+    # Adam's first step moves every weight with a non-zero gradient by ~lr and leaves zero-gradient ones at 0
+    assert all((w != 0).all() for w in _routers(model).values())
+    assert not result.completed and result.router_path.parent.name == "step-000001"
+
+
+# -- resume and determinism ----------------------------------------------------------------------------------------
+
+
+def test_resume_reaches_the_same_routers_and_runs_are_deterministic(tmp_path):
+    tok, data, rc = tiny_tokenizer(), conversations(16), RouterConfig(num_layers=3, level="token")
+    full = tiny_model("llama")
+    train_routers(full, tok, data, rc, _config(tmp_path, "full", epochs=2, save_every=1))
+    again = tiny_model("llama")
+    train_routers(again, tok, data, rc, _config(tmp_path, "again", epochs=2))
+    assert all(torch.equal(a, b) for a, b in zip(_routers(full).values(), _routers(again).values()))
+
+    cfg = _config(tmp_path, "resumed", epochs=2, save_every=1)
+    first = train_routers(tiny_model("llama"), tok, data, rc, cfg, stop_after=3)
+    assert not first.completed and first.steps == 3
+    with pytest.raises(ValueError, match="resume=True"):
+        train_routers(tiny_model("llama"), tok, data, rc, cfg)
+    # a fresh model, and a changed trajectory setting that the checkpoint overrides
+    resumed_model = tiny_model("llama")
+    result = train_routers(resumed_model, tok, data, rc, TrainConfig(**{**cfg.to_dict(), "learning_rate": 1.0}), resume=True)
+    assert result.completed and [r["step"] for r in result.history] == [4]
+    assert all(torch.equal(a, b) for a, b in zip(_routers(full).values(), _routers(resumed_model).values()))
+    rows = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+# -- calibration ---------------------------------------------------------------------------------------------------
+
+
+def _random_batch(seed, B, T=24):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 96, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[: B // 2, : T // 3] = 0  # some left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _executed(model, batches) -> dict[int, float]:
+    counts = {}
+    with torch.no_grad():
+        for b in batches:
+            for layer, (e, t) in model(**b).routing.counts().items():
+                c = counts.setdefault(layer, [0.0, 0.0])
+                c[0], c[1] = c[0] + e, c[1] + t
+    return {layer: e / t for layer, (e, t) in counts.items()}
+
+
+def _random_routers(model, level):
+    attach_routers(model, RouterConfig(num_layers=3, level=level))
+    g = torch.Generator().manual_seed(3)
+    for p in router_parameters(model):
+        p.data = torch.randn(p.shape, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("capacity", [0.3, 0.75])
+def test_calibration_hits_the_capacity_per_layer_token_level(capacity):
+    model = _random_routers(tiny_model("llama"), "token")
+    calib = [_random_batch(1, 8), _random_batch(2, 8)]
+    thresholds = calibrate_thresholds(model, calib, capacity)
+    assert set(thresholds) == {2, 3, 4} and all(0 <= t <= 1 for t in thresholds.values())
+    n = sum(int(b["attention_mask"].sum()) for b in calib)
+    for fraction in _executed(model, calib).values():  # exact on the calibration data
+        assert fraction == pytest.approx(round(capacity * n) / n, abs=1e-9)
+    for fraction in _executed(model, [_random_batch(7, 16)]).values():  # held out
+        assert abs(fraction - capacity) <= 0.1
+
+
+def test_calibration_sequence_level_and_global_threshold(tmp_path):
+    model = _random_routers(tiny_model("mistral"), "sequence")
+    calib = [_random_batch(1, 10), _random_batch(2, 10)]
+    calibrate_thresholds(model, calib, 0.5)
+    assert all(f == 0.5 for f in _executed(model, calib).values())
+
+    set_thresholds(model, 0.5)
+    thresholds = calibrate_thresholds(model, calib, 0.4, per_layer=False)
+    assert len(set(thresholds.values())) == 1
+    fractions = _executed(model, calib)
+    assert abs(sum(fractions.values()) / len(fractions) - 0.4) <= 0.15
+
+
+def test_calibration_on_conversations_with_a_tokenizer():
+    model = _random_routers(tiny_model("llama"), "token")
+    thresholds = calibrate_thresholds(model, conversations(12), 0.5, tokenizer=tiny_tokenizer(), batch_size=4)
+    assert set(thresholds) == {2, 3, 4}
+
+
+# -- multi-process ---------------------------------------------------------------------------------------------------
+
+
+def test_two_processes_reach_the_same_routers_as_one(tmp_path):
+    script = Path(__file__).with_name("_two_process_train.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}  # gloo
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*cmd, str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "global batch 8 = 2 processes x 2 accumulation x 2" in proc.stderr
+    two = load_file(str(tmp_path / "two" / "routers.safetensors"))
+
+    model = tiny_model("llama")
+    train_routers(model, tiny_tokenizer(), conversations(16), RouterConfig(num_layers=3), _config(tmp_path, "one"))
+    one = load_file(str(tmp_path / "one" / "routers.safetensors"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+    assert not all(torch.equal(v, torch.zeros_like(v)) for v in one.values())
+
+
+# -- the real model's chat template ----------------------------------------------------------------------------------
+
+
+@pytest.mark.model
+def test_assistant_masking_on_smollm2_template():
+    from routertune_lib.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    conv = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
+                         {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."}]}
+    (row,) = tokenize_conversations(tok, [conv], max_length=2048)
+    labelled = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    assert labelled == "It is 4.<|im_end|>\nSix.<|im_end|>\n"
