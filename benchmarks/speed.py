@@ -34,14 +34,14 @@ from routertune_lib.training import calibrate_thresholds
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_settings(model, pool: torch.Tensor, capacity: float, routers: str | None, seed: int) -> dict:
+def build_settings(model, pool: torch.Tensor, capacity: float, num_layers: int, routers: str | None, seed: int) -> dict:
     """``{name: (model, mode)}`` for dense, routed real/masked and static drop, all calibrated on ``pool``."""
-    batches = [{"input_ids": pool[i : i + 8]} for i in range(0, pool.shape[0], 8)]
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)} for ids in pool.split(8)]
     routed = copy.deepcopy(model)
     if routers:
         load_routers(routed, routers)
     else:
-        attach_routers(routed, RouterConfig(target="attn", level="sequence", capacity=capacity))
+        attach_routers(routed, RouterConfig(target="attn", level="sequence", num_layers=num_layers, capacity=capacity))
         g = torch.Generator().manual_seed(seed)
         for layer in routed_layers(routed).values():
             w = torch.randn(layer.router.weight.shape, generator=g) / layer.router.weight.shape[1] ** 0.5
@@ -84,6 +84,8 @@ def main(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--routers", default=None, help="router checkpoint (save_routers); default: random routers")
     p.add_argument("--capacity", type=float, default=0.5)
+    p.add_argument("--num-layers", type=int, default=16, help="routed layers (paper: 16); even, so that static drop "
+                   "removes exactly the same number of attention executions at capacity 0.5")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[128, 512])
     p.add_argument("--new-tokens", type=int, default=32)
@@ -101,12 +103,12 @@ def main(argv=None):
     rows = []
     for prompt_len in args.prompt_lens:
         pool = prompt_pool(model.config.vocab_size, args.pool, prompt_len, seed=args.seed)
-        settings = build_settings(model, pool, args.capacity, args.routers, args.seed)
+        settings = build_settings(model, pool, args.capacity, args.num_layers, args.routers, args.seed)
         for batch_size in args.batch_sizes:
             found = compare_settings(settings, pool, batch_size, args.new_tokens, repeats=args.repeats)
             rows += [r.as_dict() for r in found]
     table = with_ratios(pd.DataFrame(rows))
-    cols = ["setting", "batch_size", "prompt_len", "executed_fraction", "prefill_tok_s", "decode_tok_s",
+    cols = ["setting", "batch_size", "prompt_len", "skipped_share", "prefill_tok_s", "decode_tok_s",
             "generate_s", "speedup_prefill", "speedup_decode", "speedup_e2e", "vs_static", "gain_vs_static", "kv_ratio"]
     print(table[cols].to_markdown(index=False, floatfmt=".3f"))
     name = f"speed_{args.model.replace('/', '_')}_{next(model.parameters()).device.type}"

@@ -31,7 +31,7 @@ class SpeedRow:
     prefill_tok_s: float  # prompt tokens / prefill_s
     decode_tok_s: float  # generated tokens / (generate_s - prefill_s)
     kv_bytes: int  # KV-cache bytes after prefill, summed over the pool's batches
-    executed_fraction: float  # executed fraction over routed layers (1.0 for dense)
+    skipped_share: float  # skipped (layer, input) executions of the gated modules / all layers' (0.0 for dense)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +62,7 @@ def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_toke
     """Prefill and full generation of every batch of ``prompts``; returns summed times, KV bytes, routing counts."""
     device = next(model.parameters()).device
     prefill = generate = 0.0
-    kv = 0
+    kv = gated_layers = 0
     executed = total = 0.0
     for start in range(0, prompts.shape[0], batch_size):
         ids = prompts[start : start + batch_size].to(device)
@@ -73,9 +73,10 @@ def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_toke
         _sync(device)
         prefill += time.perf_counter() - t0
         kv += kv_cache_bytes(out.cache)
-        trace = getattr(out, "routing", None)  # present on routed models
-        for e, n in trace.counts().values() if trace is not None else ():
-            executed, total = executed + e, total + n
+        counts = out.routing.counts() if hasattr(out, "routing") else {}  # {layer: (executed, total)}, routed only
+        executed += sum(e for e, _ in counts.values())
+        total += sum(n for _, n in counts.values())
+        gated_layers = len(counts)
         del out
         t0 = time.perf_counter()
         model.generate(
@@ -88,7 +89,9 @@ def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_toke
         )
         _sync(device)
         generate += time.perf_counter() - t0
-    return {"prefill": prefill, "generate": generate, "kv": kv, "executed": executed / total if total else 1.0}
+    # inputs one layer sees = total / gated_layers; share of all layers' executions that were skipped:
+    skipped = (total - executed) * gated_layers / (model.config.num_hidden_layers * total) if total else 0.0
+    return {"prefill": prefill, "generate": generate, "kv": kv, "skipped": skipped}
 
 
 def compare_settings(
@@ -126,7 +129,7 @@ def compare_settings(
                 prefill_tok_s=P * T / prefill,
                 decode_tok_s=P * new_tokens / max(generate - prefill, 1e-9),
                 kv_bytes=results[0]["kv"],
-                executed_fraction=results[0]["executed"],
+                skipped_share=results[0]["skipped"],
             )
         )
     return rows

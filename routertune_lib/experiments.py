@@ -1,0 +1,352 @@
+"""Shared building blocks of the reproduction notebooks: cached router tuning, tidy comparison tables, speed-ups.
+
+* :func:`tuned_routers` trains routers once per (model, router config, train config, data) and caches the checkpoint
+  under ``<cache_dir()>/routers/<key>.safetensors``, so notebooks that need the same routers share one training run.
+* :func:`comparison_frame` / :func:`accuracy_table` turn :func:`routertune_lib.evaluation.compare` output into tidy
+  DataFrames (task columns, average, difference to a baseline with its paired 95% CI).
+* :func:`measure_speedups` times routed / static-drop models against the dense model (end-to-end generation, real
+  skipping) with :func:`routertune_lib.speed.compare_settings`.
+* :data:`PROFILES` holds the model and training settings every notebook of a profile shares (so their cache keys
+  match); ``PAPER_*`` hold the paper's reported numbers as reference data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .data import cache_dir, load_instruction_data
+from .evaluation import PAPER_TASKS, EvalResults, compare, model_fingerprint
+from .models import load_model, model_identity, tiny_random_model
+from .reporting import write_atomic
+from .routing import RouterConfig, RoutingContext, RoutingTrace, detach_routers, routed_layers
+from .speed import compare_settings, prompt_pool
+from .training import TrainConfig, _calibration_batches, train_routers
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------------------------
+# Profiles shared by the notebooks (model + router-tuning data/budget; evaluation sizes live in each notebook)
+
+PROFILES: dict[str, dict] = {
+    # tiny random Llama (SmolLM2 tokenizer): seconds; numbers are meaningless, the code path is the real one
+    "smoke": dict(model=None, train_samples=16, calib_samples=8, max_length=128, global_batch=8, micro_batch=4,
+                  lr=1e-3, mixed_precision="no"),
+    # SmolLM2-135M on 2 CPU cores: the training budget is what one notebook can afford six times
+    "cpu": dict(model="smollm2-135m", train_samples=128, calib_samples=32, max_length=128, global_batch=16,
+                micro_batch=8, lr=1e-3, mixed_precision="no"),
+    # the paper's setting (released script: 1000 samples, lr 1e-5, global batch 64, max length 2048, bf16)
+    "paper": dict(model="meta-llama/Meta-Llama-3-8B", train_samples=1000, calib_samples=128, max_length=2048,
+                  global_batch=64, micro_batch=8, lr=1e-5, mixed_precision="bf16"),
+}
+
+
+def profile_settings(profile: str) -> dict:
+    """A copy of ``PROFILES[profile]``; unknown profiles raise ``ValueError`` listing the valid ones."""
+    if profile not in PROFILES:
+        raise ValueError(f"Unknown profile {profile!r}; valid profiles: {sorted(PROFILES)}")
+    return dict(PROFILES[profile])
+
+
+def profile_train_config(profile: str, **overrides) -> TrainConfig:
+    """The ``TrainConfig`` of a profile (lr, batch sizes, max length, precision); ``overrides`` win."""
+    s = profile_settings(profile)
+    kw = dict(learning_rate=s["lr"], global_batch_size=s["global_batch"], micro_batch_size=s["micro_batch"],
+              max_length=s["max_length"], mixed_precision=s["mixed_precision"], seed=0)
+    return TrainConfig(**{**kw, **overrides})
+
+
+def load_base_model(model_name: str | None, **kwargs):
+    """``(model, tokenizer)``: ``tiny_random_model()`` for ``None`` (smoke), else ``load_model(model_name)``."""
+    return tiny_random_model() if model_name is None else load_model(model_name, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cached router tuning
+
+# TrainConfig fields that do not change the trained routers (location, checkpointing, memory split)
+_NOT_IN_KEY = ("output_dir", "save_every", "micro_batch_size")
+
+
+def _data_identity(data_source) -> dict:
+    ident = {"source": str(data_source)}
+    path = Path(str(data_source))
+    if path.suffix in (".json", ".jsonl") and path.is_file():
+        ident["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return ident
+
+
+def router_cache_key(model, router_config: RouterConfig, train_config: TrainConfig, data_source, num_samples: int,
+                     seed: int) -> tuple[str, dict]:
+    """``(hex digest, key dict)`` identifying a tuning run: base model (identity + weight fingerprint), router config,
+    trajectory-defining train config fields, and the data (source, sample count, shuffle seed)."""
+    fp = model_fingerprint(model)
+    key = {
+        "model": {**model_identity(model), **{k: fp[k] for k in ("dtype", "params", "weights")}},
+        "router_config": asdict(router_config),
+        "train_config": {k: v for k, v in train_config.to_dict().items() if k not in _NOT_IN_KEY},
+        "data": {**_data_identity(data_source), "num_samples": num_samples, "seed": seed},
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest, key
+
+
+def tuned_routers(
+    model_name: str | None,
+    router_config: RouterConfig,
+    train_config: TrainConfig,
+    data_source: str = "offline-mix",
+    num_samples: int = 1000,
+    seed: int = 0,
+    *,
+    model=None,
+    tokenizer=None,
+) -> Path:
+    """Router checkpoint for ``model_name`` tuned with these settings, trained on first use and cached.
+
+    The checkpoint is ``<cache_dir()>/routers/<key>.safetensors`` (written atomically; a ``.json`` beside it records
+    the key and the training summary, see :func:`router_record`). Training data: the first ``num_samples``
+    conversations of ``load_instruction_data(data_source, seed=seed)``; use :func:`held_out_conversations` for
+    calibration data that does not overlap them.
+
+    model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
+    model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained
+        in place and its routers are detached afterwards, so it is returned to the caller dense.
+    A file lock serialises concurrent calls with the same key (e.g. two notebooks), so training happens once.
+    """
+    if model is None:
+        model, tokenizer = load_base_model(model_name)
+    elif tokenizer is None:
+        raise ValueError("tuned_routers: pass the tokenizer together with the model")
+    if getattr(model, "routertune", None) is not None:
+        raise ValueError("tuned_routers needs the model without routers; call detach_routers(model) first")
+    digest, key = router_cache_key(model, router_config, train_config, data_source, num_samples, seed)
+    root = cache_dir() / "routers"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{digest}.safetensors"
+    with open(root / f".{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            log.info("tuned_routers: cached %s", path)
+            return path
+        data = load_instruction_data(data_source, limit=num_samples, seed=seed)
+        work = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest}.work-"))
+        try:
+            result = train_routers(model, tokenizer, data, router_config,
+                                   replace(train_config, output_dir=str(work)))
+            record = {"key": key, "steps": result.steps, "wall_time_s": result.wall_time_s,
+                      "tokens_per_s": result.tokens_per_s, "final_capacity": result.final_capacity,
+                      "final_loss": result.final_loss, "trainable_parameters": result.trainable_parameters}
+            tmp = root / f".{digest}.safetensors.tmp"
+            shutil.copyfile(result.router_path, tmp)
+            write_atomic(path.with_suffix(".json"), json.dumps(record, indent=2, default=str) + "\n")
+            tmp.replace(path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if getattr(model, "routertune", None) is not None:
+                detach_routers(model)
+    log.info("tuned_routers: trained %s in %.1f s", path, record["wall_time_s"])
+    return path
+
+
+def router_record(path: str | Path) -> dict:
+    """The key and training summary (steps, wall_time_s, final_capacity, ...) stored beside a cached checkpoint."""
+    return json.loads(Path(path).with_suffix(".json").read_text())
+
+
+def held_out_conversations(data_source: str, num_samples: int, num_held_out: int, seed: int = 0) -> list[dict]:
+    """``num_held_out`` conversations that follow the ``num_samples`` training ones of :func:`tuned_routers`."""
+    return load_instruction_data(data_source, limit=num_samples + num_held_out, seed=seed)[num_samples:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Baselines and routing statistics
+
+
+def conversation_batches(conversations, tokenizer, max_length: int, batch_size: int = 8, device=None) -> list[dict]:
+    """Chat-template tokenized, right-padded batches ``{input_ids, attention_mask}`` (for ``module_importance`` or
+    ``calibrate_thresholds``)."""
+    return _calibration_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
+
+
+def randomize_routers(model, seed: int = 0) -> None:
+    """Replace every router's weights by seeded Gaussian noise (std 1/sqrt(d)): the random-routing control."""
+    g = torch.Generator().manual_seed(seed)
+    for layer in routed_layers(model).values():
+        w = layer.router.weight
+        w.data.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+
+
+@torch.no_grad()
+def executed_fractions(model, data, tokenizer=None, max_length: int = 2048, batch_size: int = 8) -> dict:
+    """``{"layers": {layer: executed fraction}, "overall": fraction}`` of a routed model on ``data`` (conversations
+    with ``tokenizer``, or ``input_ids`` batches), in the model's routing mode."""
+    device = next(model.parameters()).device
+    counts: dict[int, list[float]] = {}
+    for b in _calibration_batches(data, tokenizer, batch_size, max_length, device):
+        ctx = RoutingContext(model.routertune.mode, b["attention_mask"], RoutingTrace())
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
+        for layer, (e, n) in ctx.trace.counts().items():
+            c = counts.setdefault(layer, [0.0, 0.0])
+            c[0], c[1] = c[0] + e, c[1] + n
+    return {"layers": {i: e / max(n, 1.0) for i, (e, n) in sorted(counts.items())},
+            "overall": sum(e for e, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1.0)}
+
+
+def overall_skip(results: EvalResults, num_hidden_layers: int) -> float:
+    """Share of all layers' (gated module) executions skipped during an evaluation: routed layers' skipped fraction
+    times routed layers / all layers (0.0 for a dense model)."""
+    layers = results.routing.get("layers", {})
+    if not layers:
+        return 0.0
+    return sum(1.0 - f for f in layers.values()) / num_hidden_layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables from compare()
+
+
+def comparison_frame(paired: dict, scale: float = 100.0) -> pd.DataFrame:
+    """Long form of ``compare(a, b)``: one row per task plus an ``average`` row.
+
+    Columns: task, metric, n, a, b, diff, ci_low, ci_high, agreement (accuracies and differences times ``scale``;
+    the average row's a/b are the unweighted means over the compared tasks).
+    """
+    rows = [{"task": t, "metric": r["metric"], "n": r["n"], "a": scale * r["a"], "b": scale * r["b"],
+             "diff": scale * r["diff"], "ci_low": scale * r["ci_low"], "ci_high": scale * r["ci_high"],
+             "agreement": scale * r["agreement"]} for t, r in paired["tasks"].items()]
+    if paired.get("average"):
+        avg = paired["average"]
+        rows.append({"task": "average", "metric": "mean", "n": sum(r["n"] for r in rows),
+                     "a": sum(r["a"] for r in rows) / len(rows), "b": sum(r["b"] for r in rows) / len(rows),
+                     "diff": scale * avg["diff"], "ci_low": scale * avg["ci_low"], "ci_high": scale * avg["ci_high"],
+                     "agreement": sum(r["agreement"] for r in rows) / len(rows)})
+    return pd.DataFrame(rows, columns=["task", "metric", "n", "a", "b", "diff", "ci_low", "ci_high", "agreement"])
+
+
+def accuracy_table(results: dict[str, EvalResults], baseline: str, scale: float = 100.0, n_boot: int = 10000,
+                   seed: int = 0) -> pd.DataFrame:
+    """Wide form: one row per setting of ``results`` (``{name: EvalResults}``, in order).
+
+    Columns: setting, one column per task (its paper metric), avg (mean over those tasks), diff / ci_low / ci_high
+    (paired bootstrap of the average difference to ``results[baseline]``; 0 for the baseline itself) and executed
+    (executed fraction over routed layers during the evaluation; 1.0 without routers).
+    """
+    if baseline not in results:
+        raise ValueError(f"baseline {baseline!r} is not among the settings {list(results)}")
+    base = results[baseline]
+    tasks = [t for t in base.tasks if all(t in r.tasks for r in results.values())]
+    rows = []
+    for name, r in results.items():
+        row = {"setting": name, **{t: scale * r.tasks[t].score for t in tasks}}
+        row["avg"] = sum(row[t] for t in tasks) / len(tasks) if tasks else float("nan")
+        if name == baseline:
+            row.update(diff=0.0, ci_low=0.0, ci_high=0.0)
+        else:
+            avg = compare(base, r, n_boot=n_boot, seed=seed)["average"]
+            row.update(diff=scale * avg["diff"], ci_low=scale * avg["ci_low"], ci_high=scale * avg["ci_high"])
+        row["executed"] = r.routing.get("overall", 1.0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_tasks_mean(values: dict[str, float], tasks) -> float | None:
+    """Mean of a paper row's ``values`` over ``tasks`` (None when the paper reports none of them)."""
+    got = [values[t] for t in tasks if t in values]
+    return sum(got) / len(got) if got else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed-up
+
+
+def measure_speedups(dense, models: dict, prompts: torch.Tensor | None = None, *, batch_size: int = 4,
+                     new_tokens: int = 32, repeats: int = 3, prompt_len: int = 128, num_prompts: int = 8,
+                     seed: int = 0) -> pd.DataFrame:
+    """End-to-end generation speed-up of each ``{name: model}`` over ``dense`` (routed models run with real
+    skipping; a model without routers runs as is). All settings are interleaved in one ``compare_settings`` call.
+
+    prompts: ``[P, T]`` token ids, default a seeded random pool of ``num_prompts`` x ``prompt_len``.
+    Returns the ``SpeedRow`` columns plus ``speedup`` (dense generate_s / generate_s) and ``kv_ratio``.
+    """
+    if prompts is None:
+        prompts = prompt_pool(dense.config.vocab_size, num_prompts, prompt_len, seed=seed)
+    settings = {"dense": (dense, None)}
+    for name, m in models.items():
+        if name == "dense":
+            raise ValueError("'dense' is reserved for the baseline")
+        settings[name] = (m, "real" if getattr(m, "routertune", None) is not None else None)
+    rows = pd.DataFrame([r.as_dict() for r in compare_settings(settings, prompts, batch_size, new_tokens, repeats)])
+    d = rows.iloc[0]
+    rows["speedup"] = d.generate_s / rows.generate_s
+    rows["kv_ratio"] = rows.kv_bytes / d.kv_bytes
+    return rows
+
+
+@contextlib.contextmanager
+def routed_copy(model, router_path: str | Path | None = None):
+    """A deep copy of ``model`` (with ``load_routers(copy, router_path)`` when given), freed on exit."""
+    from .routing import load_routers
+
+    m = copy.deepcopy(model)
+    if router_path is not None:
+        load_routers(m, router_path)
+    try:
+        yield m
+    finally:
+        del m
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's numbers (reference data, EMNLP camera-ready; "(chart)" values read off figures to about +-0.5)
+
+# Table 2, Llama-3-8B, 16 of 32 layers routed, 50% capacity. Accuracy in %, speed-up end to end.
+PAPER_TABLE2: dict[str, dict[str, float]] = {
+    "dense": dict(speedup=1.00, arc_challenge=58.1, boolq=81.3, hellaswag=82.1, mmlu=65.3, openbookqa=45.0,
+                  piqa=80.5, rte=67.2, winogrande=77.7, avg=69.7),
+    "block_token": dict(speedup=1.24, arc_challenge=44.2, boolq=77.9, hellaswag=63.1, mmlu=64.4, openbookqa=34.0,
+                        piqa=70.4, rte=65.4, winogrande=71.6, avg=61.4),
+    "block_sequence": dict(speedup=1.26, arc_challenge=44.5, boolq=78.0, hellaswag=62.6, mmlu=64.6,
+                           openbookqa=34.2, piqa=70.3, rte=65.3, winogrande=71.2, avg=61.3),
+    "mlp_token": dict(speedup=1.05, arc_challenge=45.3, boolq=77.8, hellaswag=65.1, mmlu=62.8, openbookqa=33.7,
+                      piqa=71.9, rte=66.8, winogrande=72.4, avg=62.0),
+    "mlp_sequence": dict(speedup=1.06, arc_challenge=45.1, boolq=77.7, hellaswag=65.4, mmlu=62.4, openbookqa=33.4,
+                         piqa=71.6, rte=66.4, winogrande=72.1, avg=61.8),
+    "attn_token": dict(speedup=1.18, arc_challenge=56.4, boolq=79.8, hellaswag=81.0, mmlu=65.3, openbookqa=45.2,
+                       piqa=79.9, rte=64.6, winogrande=77.3, avg=68.7),
+    "attn_sequence": dict(speedup=1.21, arc_challenge=56.6, boolq=80.5, hellaswag=80.7, mmlu=65.1, openbookqa=44.6,
+                          piqa=80.5, rte=69.7, winogrande=77.7, avg=69.4),
+}
+
+# Figure 2 (chart), Llama-3-8B, 25% overall skipping: static Layer Drop vs Router-Tuning, accuracy in %.
+PAPER_FIGURE2: dict[str, dict[str, float]] = {
+    "mlp_layerdrop": dict(arc_challenge=32.2, mmlu=51.9, openbookqa=32.5, rte=55.3),
+    "mlp_router": dict(arc_challenge=51.0, mmlu=55.8, openbookqa=38.1, rte=64.6),
+    "attn_layerdrop": dict(arc_challenge=56.2, mmlu=64.6, openbookqa=44.1, rte=67.5),
+    "attn_router": dict(arc_challenge=57.4, mmlu=66.0, openbookqa=45.4, rte=69.8),
+}
+
+# Figure 4: after Router-Tuning every routed layer skips part of the inputs (about 25%..75%, mean about 53%);
+# Layer Drop removes 8 of the 16 routed layers entirely.
+PAPER_FIGURE4 = dict(router_skip_min=0.25, router_skip_max=0.75, router_skip_mean=0.53, layerdrop_layers=8,
+                     routed_layers=16)
+
+__all__ = [
+    "PAPER_FIGURE2", "PAPER_FIGURE4", "PAPER_TABLE2", "PAPER_TASKS", "PROFILES", "accuracy_table",
+    "comparison_frame", "conversation_batches", "executed_fractions", "held_out_conversations", "load_base_model", "measure_speedups",
+    "overall_skip", "paper_tasks_mean", "profile_settings", "profile_train_config", "randomize_routers",
+    "routed_copy", "router_cache_key", "router_record", "tuned_routers",
+]

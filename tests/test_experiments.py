@@ -1,0 +1,110 @@
+"""Cached router tuning and the table / speed helpers of ``routertune_lib.experiments`` (tiny models, seconds)."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from routertune_lib import experiments
+from routertune_lib.evaluation import EvalResults, TaskResult
+from routertune_lib.models import tiny_random_model
+from routertune_lib.routing import RouterConfig, attach_routers, load_routers, routed_layers
+from routertune_lib.training import TrainConfig
+
+
+def test_tuned_routers_trains_once_then_returns_the_cached_checkpoint(tmp_path, monkeypatch):
+    model, tok = tiny_random_model()
+    monkeypatch.setattr(experiments, "cache_dir", lambda: tmp_path / "cache")  # routers only; data stays cached
+    calls = []
+    real_train = experiments.train_routers
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "train_routers", spy)
+    rc = RouterConfig(target="attn", level="sequence", num_layers=2)
+    tc = TrainConfig(learning_rate=1e-3, global_batch_size=4, micro_batch_size=2, max_length=128)
+
+    path = experiments.tuned_routers(None, rc, tc, num_samples=8, model=model, tokenizer=tok)
+    assert path.is_file() and path.parent == tmp_path / "cache" / "routers"
+    assert getattr(model, "routertune", None) is None  # given model handed back dense
+    record = experiments.router_record(path)
+    assert record["steps"] == 2 and record["key"]["data"]["num_samples"] == 8
+    mtime = path.stat().st_mtime_ns
+
+    # same key, other micro batch and output dir (not part of the key): cached, no training
+    again = experiments.tuned_routers(None, rc, TrainConfig(**{**tc.to_dict(), "micro_batch_size": 4,
+                                                               "output_dir": str(tmp_path / "x")}),
+                                      num_samples=8, model=model, tokenizer=tok)
+    assert again == path and path.stat().st_mtime_ns == mtime and len(calls) == 1
+
+    # a different router config, train config or data is another key
+    other = experiments.tuned_routers(None, RouterConfig(target="mlp", level="token", num_layers=2), tc,
+                                      num_samples=8, model=model, tokenizer=tok)
+    assert other != path and len(calls) == 2
+    assert experiments.tuned_routers(None, rc, tc, num_samples=12, model=model, tokenizer=tok) not in (path, other)
+    assert not list((tmp_path / "cache" / "routers").glob(".*work-*"))  # work dirs cleaned up
+
+    loaded = load_routers(tiny_random_model()[0], path)
+    assert sorted(routed_layers(loaded)) == rc.resolve_layers(4)
+
+
+def test_tuned_routers_refuses_a_routed_model(tmp_path, monkeypatch):
+    model, tok = tiny_random_model()
+    monkeypatch.setattr(experiments, "cache_dir", lambda: tmp_path / "cache")
+    attach_routers(model, RouterConfig(num_layers=2))
+    with pytest.raises(ValueError, match="without routers"):
+        experiments.tuned_routers(None, RouterConfig(num_layers=2), TrainConfig(), model=model, tokenizer=tok)
+
+
+def _results(scores: dict[str, list[float]], executed: float | None = None) -> EvalResults:
+    tasks = {}
+    for t, xs in scores.items():
+        recs = [{"task": t, "doc_id": i, "acc": x, "chosen": int(x)} for i, x in enumerate(xs)]
+        tasks[t] = TaskResult(t, "acc", 0, len(xs), {"acc": sum(xs) / len(xs)}, {"acc": 0.0}, 0.5, recs)
+    routing = {} if executed is None else {"layers": {1: executed, 2: executed}, "overall": executed}
+    return EvalResults(tasks, {}, routing)
+
+
+def test_comparison_and_accuracy_tables():
+    dense = _results({"piqa": [1, 1, 0, 1], "boolq": [1, 0, 1, 0]})
+    routed = _results({"piqa": [1, 0, 0, 1], "boolq": [1, 0, 1, 0]}, executed=0.5)
+    from routertune_lib.evaluation import compare
+
+    long = experiments.comparison_frame(compare(dense, routed, n_boot=200))
+    assert list(long.task) == ["piqa", "boolq", "average"]
+    piqa = long.set_index("task").loc["piqa"]
+    assert piqa.a == 75.0 and piqa.b == 50.0 and piqa["diff"] == -25.0 and piqa.ci_low <= -25 <= piqa.ci_high
+    assert long.set_index("task").loc["average", "diff"] == pytest.approx(-12.5)
+
+    wide = experiments.accuracy_table({"dense": dense, "routed": routed}, baseline="dense", n_boot=200)
+    assert list(wide.columns) == ["setting", "piqa", "boolq", "avg", "diff", "ci_low", "ci_high", "executed"]
+    d, r = wide.iloc[0], wide.iloc[1]
+    assert (d["diff"], d.executed, r.executed) == (0.0, 1.0, 0.5)
+    assert r.avg == pytest.approx(50.0) and r["diff"] == pytest.approx(-12.5) and r.ci_low <= r["diff"] <= r.ci_high
+    with pytest.raises(ValueError, match="baseline"):
+        experiments.accuracy_table({"routed": routed}, baseline="dense")
+    assert experiments.overall_skip(routed, num_hidden_layers=4) == pytest.approx(0.25)
+    assert experiments.overall_skip(dense, num_hidden_layers=4) == 0.0
+
+
+def test_paper_reference_data_is_consistent():
+    for name, row in experiments.PAPER_TABLE2.items():
+        mean = experiments.paper_tasks_mean(row, experiments.PAPER_TASKS)
+        assert math.isclose(mean, row["avg"], abs_tol=0.06), name
+    assert experiments.paper_tasks_mean({"piqa": 1.0}, ["boolq"]) is None
+
+
+def test_profiles_and_speedups():
+    with pytest.raises(ValueError, match="valid profiles"):
+        experiments.profile_settings("laptop")
+    assert experiments.profile_train_config("smoke", seed=3).seed == 3
+    model, _ = tiny_random_model()
+    import copy
+
+    routed = attach_routers(copy.deepcopy(model), RouterConfig(num_layers=2))
+    rows = experiments.measure_speedups(model, {"routed": routed}, batch_size=2, new_tokens=2, repeats=1,
+                                        prompt_len=8, num_prompts=2)
+    assert isinstance(rows, pd.DataFrame) and list(rows.setting) == ["dense", "routed"]
+    assert rows.speedup.iloc[0] == 1.0 and rows.kv_ratio.iloc[0] == 1.0 and (rows.speedup > 0).all()
