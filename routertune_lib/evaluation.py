@@ -47,7 +47,6 @@ import math
 import os
 import random
 import re
-import string
 import tempfile
 import time
 import zipfile
@@ -62,6 +61,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import data as _data
+from .reporting import write_json
 
 log = logging.getLogger(__name__)
 
@@ -770,31 +770,12 @@ class EvalResults:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temporary file, then rename)."""
-        return _atomic_json(Path(path), self.to_dict())
+        return write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EvalResults":
         d = json.loads(Path(path).read_text())
         return cls({k: TaskResult(**v) for k, v in d["tasks"].items()}, d["config"], d.get("routing", {}))
-
-
-def _atomic_json(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, default=_json_default)
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o))
 
 
 def _mean_stderr(x: Sequence[float]) -> tuple[float, float]:
@@ -913,7 +894,7 @@ def evaluate(
                                          share_context)
             r.seconds = time.perf_counter() - start
             if path is not None:
-                _atomic_json(path, asdict(r))
+                write_json(path, asdict(r), indent=None)
         log.info("%s (%d-shot, n=%d): %s = %.4f", name, r.num_fewshot, r.n, r.metric, r.score)
         total.merge(RoutingStats(r.routing))
         results[name] = r

@@ -23,8 +23,18 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, obj) -> Path:
-    return write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+def _json_default(o):
+    """numpy scalars become numbers, tuples lists, paths and anything else their string."""
+    if hasattr(o, "item") and getattr(o, "ndim", None) == 0:
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    """``obj`` as JSON at ``path``, atomically."""
+    return write_atomic(path, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
 def write_table(df: pd.DataFrame, out_dir: str | os.PathLike, name: str, floatfmt: str = ".3f") -> tuple[Path, Path]:

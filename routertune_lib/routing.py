@@ -30,18 +30,19 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchSpec, arch_spec, decoder_layers
 from .models import model_identity
+from .reporting import write_atomic
 
 TARGETS = ("attn", "mlp", "block")
 LEVELS = ("sequence", "token")
@@ -595,13 +596,7 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
         "thresholds": json.dumps({str(i): layer.routing.threshold for i, layer in layers.items()}),
         "base_model": json.dumps(model_identity(model)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors if tensors else {"empty": torch.zeros(0)}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, safetensors_bytes(tensors if tensors else {"empty": torch.zeros(0)}, metadata=metadata))
 
 
 def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:

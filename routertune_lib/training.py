@@ -26,7 +26,7 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .reporting import write_atomic
 from .routing import (
     RouterConfig,
     RoutingContext,
@@ -354,8 +355,8 @@ class _StepLog:
         kept = []
         if start_step > 0 and self.jsonl.is_file():
             kept = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= start_step]
-        self._rewrite(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
-        self._rewrite(self.csv, self._csv_line(columns) + "".join(self._csv_line([r.get(c) for c in columns]) for r in kept))
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomic(self.csv, self._csv_line(columns) + "".join(self._csv_line([r.get(c) for c in columns]) for r in kept))
 
     @staticmethod
     def _csv_line(values) -> str:
@@ -363,11 +364,6 @@ class _StepLog:
         csv.writer(buf, lineterminator="\n").writerow(values)
         return buf.getvalue()
 
-    @staticmethod
-    def _rewrite(path: Path, text: str) -> None:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
     def append(self, row: dict) -> None:
         if not self.enabled:
@@ -691,11 +687,12 @@ def _router_scores(model: nn.Module, mode: str, batches: list[dict]) -> dict[int
 
 
 def _threshold_for(scores: torch.Tensor, capacity: float) -> float:
-    """The ``k``-th largest score, ``k = round(capacity * n)`` (at least 1): ``score >= t`` then holds for exactly
-    ``k`` of these scores when there are no ties (the "higher" ``1 - capacity`` quantile)."""
+    """Midway between the ``k``-th and ``(k+1)``-th largest score, ``k = round(capacity * n)`` (at least 1):
+    ``score >= t`` then holds for exactly ``k`` of these scores when there are no ties, and float noise of a
+    re-run (another batch size) cannot flip the boundary input."""
     s = scores.sort(descending=True).values
     k = min(len(s), max(1, int(capacity * len(s) + 0.5)))
-    return float(s[k - 1])
+    return float(s[k - 1] if k == len(s) else (s[k - 1] + s[k]) / 2)
 
 
 def calibrate_thresholds(
