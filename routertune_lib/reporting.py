@@ -19,6 +19,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
     os.replace(tmp, path)
     return path
 
