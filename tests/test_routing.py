@@ -18,6 +18,7 @@ from routertune_lib.routing import (
     save_routers,
     set_thresholds,
 )
+from routertune_lib.speed import kv_cache_bytes
 
 GRANULARITIES = list(itertools.product(("attn", "mlp", "block"), ("sequence", "token")))
 
@@ -201,10 +202,6 @@ def test_real_mode_does_not_run_skipped_work(target, level):
         assert counted["real"] == kept * per_unit * (2 if target == "block" else 1)
 
 
-def cache_bytes(cache) -> int:
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_sequence_level_attention_skipping_shrinks_the_kv_cache(arch):
     ids, mask = left_padded_batch(lengths=(8, 8, 8, 8))
@@ -217,13 +214,11 @@ def test_sequence_level_attention_skipping_shrinks_the_kv_cache(arch):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
         with routing_mode(model, "masked"):
             masked_cache = model(input_ids=ids, attention_mask=mask, use_cache=True).cache
-    per_layer = [cache_bytes(type(dense_cache)(config=model.config)) for _ in range(1)]
-    del per_layer
     layers = len(model.model.layers)
     skipped_fraction = sum(1 - f for f in fractions.values()) / layers
-    assert cache_bytes(masked_cache) == cache_bytes(dense_cache)
-    assert cache_bytes(out.cache) == pytest.approx(cache_bytes(dense_cache) * (1 - skipped_fraction))
-    assert cache_bytes(out.cache) < cache_bytes(dense_cache)
+    assert kv_cache_bytes(masked_cache) == kv_cache_bytes(dense_cache)
+    assert kv_cache_bytes(out.cache) == pytest.approx(kv_cache_bytes(dense_cache) * (1 - skipped_fraction))
+    assert kv_cache_bytes(out.cache) < kv_cache_bytes(dense_cache)
 
 
 def test_layer_skipped_by_every_sequence_holds_no_cache_and_generation_continues():
