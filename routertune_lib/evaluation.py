@@ -399,6 +399,38 @@ def task_docs(name: str, limit: int | None = None, seed: int = 1234) -> tuple[li
     return idx, docs
 
 
+def task_prompts(tasks: str | Iterable[str], num_prompts: int, seed: int = 0) -> list[str]:
+    """``num_prompts`` 0-shot contexts (the strings :func:`evaluate` scores choices after), drawn seeded and round
+    robin over ``tasks`` from each task's few-shot split (its training split where the data has one).
+
+    This is unlabelled calibration text in the evaluation's format: thresholds calibrated on it give the target
+    capacity on the evaluation, where chat conversations (the tuning data) route differently. Multiple-input tasks
+    (WinoGrande) contribute their gold context. Tasks whose few-shot split is their eval split (RTE offline) warn.
+    """
+    names = [tasks] if isinstance(tasks, str) else list(tasks)
+    if num_prompts < 1 or not names:
+        raise ValueError(f"task_prompts needs num_prompts >= 1 and at least one task, got {num_prompts}, {names}")
+    pools = []
+    for name in names:
+        task = get_task(name)
+        if isinstance(task, GenerativeTask):
+            docs = task.load("eval" if task.fewshot_from_eval else "fewshot")
+            texts = [task.doc_to_text(d) for d in docs]
+        else:
+            docs = _data.load_task(name, "fewshot").to_list()
+            docs = [task.process_doc(d) for d in docs] if task.process_doc else docs
+            texts = [task.requests(d)[task.gold(d) if task.multiple_input else 0][0] for d in docs]
+        random.Random(f"{name}:prompts:{seed}").shuffle(texts)
+        pools.append(texts)
+    out = []
+    for rank in range(max(map(len, pools))):
+        out += [p[rank] for p in pools if rank < len(p)]
+    out = out[:num_prompts]
+    if len(out) < num_prompts:
+        log.info("task_prompts: only %d of %d prompts available", len(out), num_prompts)
+    return out
+
+
 class FewshotSampler:
     """lm-eval 0.4.13's few-shot selection for one task: one ``random.Random(seed)`` consumed doc after doc."""
 

@@ -43,11 +43,11 @@ PROFILES: dict[str, dict] = {
     # tiny random Llama (SmolLM2 tokenizer): seconds; numbers are meaningless, the code path is the real one
     "smoke": dict(model=None, train_samples=16, calib_samples=8, max_length=128, global_batch=8, micro_batch=4,
                   lr=1e-3, mixed_precision="no"),
-    # SmolLM2-135M on 2 CPU cores: the training budget is what one notebook can afford six times
-    "cpu": dict(model="smollm2-135m", train_samples=128, calib_samples=32, max_length=128, global_batch=16,
+    # SmolLM2-135M on 2 CPU cores: the training budget is what one notebook can afford six times (16 steps, ~80 s)
+    "cpu": dict(model="smollm2-135m", train_samples=256, calib_samples=96, max_length=128, global_batch=16,
                 micro_batch=8, lr=1e-3, mixed_precision="no"),
     # the paper's setting (released script: 1000 samples, lr 1e-5, global batch 64, max length 2048, bf16)
-    "paper": dict(model="meta-llama/Meta-Llama-3-8B", train_samples=1000, calib_samples=128, max_length=2048,
+    "paper": dict(model="meta-llama/Meta-Llama-3-8B", train_samples=1000, calib_samples=256, max_length=2048,
                   global_batch=64, micro_batch=8, lr=1e-5, mixed_precision="bf16"),
 }
 

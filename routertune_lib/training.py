@@ -654,17 +654,25 @@ def train_routers(
 
 
 def _calibration_batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
+    """Right-padded ``{input_ids, attention_mask}`` batches from conversations (chat template), plain texts (the
+    tokenizer's default specials, e.g. BOS, as an evaluation encodes a context) or ready batches."""
     items = list(data)
-    if items and isinstance(items[0], dict) and "messages" in items[0]:
+    is_text = bool(items) and all(isinstance(x, str) for x in items)
+    if is_text or (items and isinstance(items[0], dict) and "messages" in items[0]):
         if tokenizer is None:
-            raise ValueError("calibrating on conversations needs a tokenizer")
-        rows = tokenize_conversations(tokenizer, items, max_length)
+            raise ValueError("calibrating on conversations or texts needs a tokenizer")
+        if is_text:
+            rows = [{"input_ids": ids[:max_length], "labels": ids[:max_length]}
+                    for ids in tokenizer(items)["input_ids"]]
+        else:
+            rows = tokenize_conversations(tokenizer, items, max_length)
         pad_id = _pad_id(tokenizer)
         items = [_collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
     batches = []
     for b in items:
         if not (isinstance(b, dict) and "input_ids" in b):
-            raise ValueError("calibration data must be conversations or batches {'input_ids': [B, T], 'attention_mask'?}")
+            raise ValueError("calibration data must be conversations, texts or batches "
+                             "{'input_ids': [B, T], 'attention_mask'?}")
         ids = torch.as_tensor(b["input_ids"]).to(device)
         mask = b.get("attention_mask")
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)})
@@ -708,8 +716,9 @@ def calibrate_thresholds(
 ) -> dict[int, float]:
     """Set router thresholds so the executed fraction on ``data`` equals ``capacity``; returns ``{layer: threshold}``.
 
-    data: conversations (with ``tokenizer``; batched by ``batch_size``) or batches ``{"input_ids": [B, T],
-        "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per real token (token level).
+    data: conversations or plain texts (with ``tokenizer``; batched by ``batch_size``; e.g.
+        ``evaluation.task_prompts`` to calibrate on the kind of text an evaluation routes) or batches
+        ``{"input_ids": [B, T], "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per real token (token level).
     per_layer=True: layers are calibrated in order, each on a forward where the layers before it already use their new
         thresholds, so every routed layer executes exactly ``round(capacity * n)`` of its ``n`` inputs on ``data``
         (barring tied scores). One forward pass over ``data`` per routed layer.
