@@ -7,7 +7,7 @@
 * :func:`measure_speedups` times routed / static-drop models against the dense model (end-to-end generation, real
   skipping) with :func:`routertune_lib.speed.compare_settings`.
 * :data:`PROFILES` holds the model and training settings every notebook of a profile shares (so their cache keys
-  match); ``PAPER_*`` hold the paper's reported numbers as reference data.
+  match); the paper's reported numbers are reference data in :mod:`routertune_lib.paper`.
 """
 
 from __future__ import annotations
@@ -310,42 +310,8 @@ def routed_copy(model, router_path: str | Path | None = None):
             torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The paper's numbers (reference data, EMNLP camera-ready; "(chart)" values read off figures to about +-0.5)
-
-# Table 2, Llama-3-8B, 16 of 32 layers routed, 50% capacity. Accuracy in %, speed-up end to end.
-PAPER_TABLE2: dict[str, dict[str, float]] = {
-    "dense": dict(speedup=1.00, arc_challenge=58.1, boolq=81.3, hellaswag=82.1, mmlu=65.3, openbookqa=45.0,
-                  piqa=80.5, rte=67.2, winogrande=77.7, avg=69.7),
-    "block_token": dict(speedup=1.24, arc_challenge=44.2, boolq=77.9, hellaswag=63.1, mmlu=64.4, openbookqa=34.0,
-                        piqa=70.4, rte=65.4, winogrande=71.6, avg=61.4),
-    "block_sequence": dict(speedup=1.26, arc_challenge=44.5, boolq=78.0, hellaswag=62.6, mmlu=64.6,
-                           openbookqa=34.2, piqa=70.3, rte=65.3, winogrande=71.2, avg=61.3),
-    "mlp_token": dict(speedup=1.05, arc_challenge=45.3, boolq=77.8, hellaswag=65.1, mmlu=62.8, openbookqa=33.7,
-                      piqa=71.9, rte=66.8, winogrande=72.4, avg=62.0),
-    "mlp_sequence": dict(speedup=1.06, arc_challenge=45.1, boolq=77.7, hellaswag=65.4, mmlu=62.4, openbookqa=33.4,
-                         piqa=71.6, rte=66.4, winogrande=72.1, avg=61.8),
-    "attn_token": dict(speedup=1.18, arc_challenge=56.4, boolq=79.8, hellaswag=81.0, mmlu=65.3, openbookqa=45.2,
-                       piqa=79.9, rte=64.6, winogrande=77.3, avg=68.7),
-    "attn_sequence": dict(speedup=1.21, arc_challenge=56.6, boolq=80.5, hellaswag=80.7, mmlu=65.1, openbookqa=44.6,
-                          piqa=80.5, rte=69.7, winogrande=77.7, avg=69.4),
-}
-
-# Figure 2 (chart), Llama-3-8B, 25% overall skipping: static Layer Drop vs Router-Tuning, accuracy in %.
-PAPER_FIGURE2: dict[str, dict[str, float]] = {
-    "mlp_layerdrop": dict(arc_challenge=32.2, mmlu=51.9, openbookqa=32.5, rte=55.3),
-    "mlp_router": dict(arc_challenge=51.0, mmlu=55.8, openbookqa=38.1, rte=64.6),
-    "attn_layerdrop": dict(arc_challenge=56.2, mmlu=64.6, openbookqa=44.1, rte=67.5),
-    "attn_router": dict(arc_challenge=57.4, mmlu=66.0, openbookqa=45.4, rte=69.8),
-}
-
-# Figure 4: after Router-Tuning every routed layer skips part of the inputs (about 25%..75%, mean about 53%);
-# Layer Drop removes 8 of the 16 routed layers entirely.
-PAPER_FIGURE4 = dict(router_skip_min=0.25, router_skip_max=0.75, router_skip_mean=0.53, layerdrop_layers=8,
-                     routed_layers=16)
-
 __all__ = [
-    "PAPER_FIGURE2", "PAPER_FIGURE4", "PAPER_TABLE2", "PAPER_TASKS", "PROFILES", "accuracy_table",
+    "PAPER_TASKS", "PROFILES", "accuracy_table",
     "comparison_frame", "conversation_batches", "executed_fractions", "held_out_conversations", "load_base_model", "measure_speedups",
     "overall_skip", "paper_tasks_mean", "profile_settings", "profile_train_config", "randomize_routers",
     "routed_copy", "router_cache_key", "router_record", "tuned_routers",

@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from routertune_lib import experiments
+from routertune_lib import experiments, paper
 from routertune_lib.evaluation import EvalResults, TaskResult
 from routertune_lib.models import tiny_random_model
 from routertune_lib.routing import RouterConfig, attach_routers, load_routers, routed_layers
@@ -90,7 +90,7 @@ def test_comparison_and_accuracy_tables():
 
 
 def test_paper_reference_data_is_consistent():
-    for name, row in experiments.PAPER_TABLE2.items():
+    for name, row in paper.PAPER_TABLE2.items():
         mean = experiments.paper_tasks_mean(row, experiments.PAPER_TASKS)
         assert math.isclose(mean, row["avg"], abs_tol=0.06), name
     assert experiments.paper_tasks_mean({"piqa": 1.0}, ["boolq"]) is None
