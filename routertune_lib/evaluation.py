@@ -40,6 +40,7 @@ forwards: sequence-level counts one per context (prefill), token-level one per r
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -562,25 +563,26 @@ class RoutingStats:
         }
 
 
-def _expand_cache(cache, index: torch.Tensor):
-    """Select batch rows ``index`` (``[R]``, repeats allowed) of every layer of a ``DynamicCache``, in place.
+def _select_rows(cache, index: torch.Tensor):
+    """A new ``DynamicCache`` holding batch rows ``index`` (``[R]``, repeats allowed) of ``cache``; ``cache`` is left
+    unchanged (its tensors are not copied where a layer is not selected from).
 
     Handles routertune's compact cache layers (K/V stored for kept rows only, ``keep_rows`` per row).
     """
-    for layer in cache.layers:
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
         keep_rows = getattr(layer, "keep_rows", None)
-        if keep_rows is not None:
-            if getattr(layer, "compact", False) and getattr(layer, "is_initialized", False) and layer.keys.dim() == 4:
-                pos = torch.cumsum(keep_rows.long(), 0) - 1
-                new_keep = keep_rows[index]
-                src = pos[index][new_keep]
-                layer.keys, layer.values = layer.keys[src], layer.values[src]
-            elif getattr(layer, "is_initialized", False) and layer.keys.numel():
-                layer.keys, layer.values = layer.keys[index], layer.values[index]
-            layer.keep_rows = keep_rows[index]
-        elif getattr(layer, "is_initialized", False) and layer.keys.numel():
+        filled = getattr(layer, "is_initialized", False) and layer.keys.numel()
+        if filled and keep_rows is not None and getattr(layer, "compact", False) and layer.keys.dim() == 4:
+            pos = torch.cumsum(keep_rows.long(), 0) - 1
+            src = pos[index][keep_rows[index]]
+            layer.keys, layer.values = layer.keys[src], layer.values[src]
+        elif filled:
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-    return cache
+        if keep_rows is not None:
+            layer.keep_rows = keep_rows[index]
+    return new
 
 
 def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -628,8 +630,8 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` per ``(context_enc, continuation_enc)`` request.
 
-    ``batch_size``: contexts per prefill forward (``share_context``; the continuation pass then holds all their
-    choices), or sequences per forward (``share_context=False``).
+    ``batch_size``: contexts per prefill forward and choices per continuation forward (``share_context``), or
+    sequences per forward (``share_context=False``).
     Results do not depend on the order of ``requests`` or on ``batch_size`` (up to float rounding).
     """
     device = _device(model)
@@ -684,23 +686,24 @@ def loglikelihoods(
         members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
         long = [(g, i) for g, i in members if len(reqs[i][1]) > 1]
         rest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        if long:
-            index = torch.tensor([g for g, _ in long], device=device)
-            _expand_cache(cache, index)
-            conts = [reqs[i][1][:-1] for _, i in long]
-            cids, cmask = _right_pad(conts, pad_id, device)
-            lengths = mask.sum(-1)[index]
+        # continuation pass: the choices sorted by length and cut into chunks of batch_size rows, so little of it is
+        # padding; each chunk attends to its rows of the shared prefix cache
+        long.sort(key=lambda gi: -len(reqs[gi[1]][1]))
+        for c in range(0, len(long), batch_size):
+            chunk = long[c : c + batch_size]
+            index = torch.tensor([g for g, _ in chunk], device=device)
+            cids, cmask = _right_pad([reqs[i][1][:-1] for _, i in chunk], pad_id, device)
             out2 = model(
                 input_ids=cids,
                 attention_mask=torch.cat([mask[index], cmask], dim=1),
-                position_ids=_positions(cmask, lengths),
-                cache=cache,
+                position_ids=_positions(cmask, mask.sum(-1)[index]),
+                cache=_select_rows(cache, index),
                 use_cache=True,
             )
             if stats is not None:
                 stats.add(out2, token_level_only=True)
-            lp2 = F.log_softmax(out2.logits.float(), dim=-1)  # [R, Tc, V]
-            for r, (_, i) in enumerate(long):
+            lp2 = F.log_softmax(out2.logits.float(), dim=-1)  # [rows, Tc, V]
+            for r, (_, i) in enumerate(chunk):
                 n = len(reqs[i][1]) - 1
                 rest[i] = (lp2[r, :n], torch.tensor(reqs[i][1][1:], device=device))
         for g, i in members:
@@ -854,6 +857,9 @@ def router_hash(model) -> str | None:
                                   sort_keys=True).encode())
     for i, layer in sorted(routed_layers(model).items()):
         h.update(f"{i}:{layer.routing.threshold}".encode())
+        dropped = getattr(layer.routing, "dropped_experts", None)  # static expert drop (moe.attach_expert_drop)
+        if dropped:
+            h.update(f"dropped:{list(dropped)}".encode())
         if layer.router is not None:
             h.update(layer.router.weight.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]

@@ -238,6 +238,18 @@ def test_evaluate_end_to_end_cache_and_records(fake_data, tmp_path):
     assert ev.choice_agreement(r1, r2) == {t: 1.0 for t in tasks}
 
 
+def test_task_prompts_are_zero_shot_contexts_of_the_fewshot_split(fake_data):
+    prompts = ev.task_prompts(["piqa", "winogrande"], 7, seed=0)
+    assert len(prompts) == 7
+    assert all(p.startswith("Question: Do thing") for p in prompts[0::2])  # round robin: piqa, winogrande, ...
+    assert all(p.startswith("Tom told Ann that") for p in prompts[1::2])
+    assert ("piqa", "fewshot") in fake_data and ("winogrande", "fewshot") in fake_data
+    assert ev.task_prompts(["piqa", "winogrande"], 7, seed=0) == prompts  # seeded
+    assert len(ev.task_prompts("piqa", 100)) == 12  # capped by the pool
+    with pytest.raises(ValueError, match="num_prompts"):
+        ev.task_prompts("piqa", 0)
+
+
 def _synthetic(correct: list[float]) -> ev.EvalResults:
     recs = [{"task": "piqa", "doc_id": i, "acc_norm": c, "acc": c, "chosen": int(c)} for i, c in enumerate(correct)]
     r = ev.TaskResult("piqa", "acc_norm", 0, len(recs), {"acc_norm": float(np.mean(correct))}, {}, 0.5, recs)

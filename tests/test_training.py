@@ -224,6 +224,25 @@ def test_calibration_on_conversations_with_a_tokenizer():
     assert set(thresholds) == {2, 3, 4}
 
 
+def test_calibration_on_plain_texts_matches_the_same_tokens_as_batches():
+    """Texts are tokenized as an evaluation encodes a context, right padded; scoring them equals scoring the batch."""
+    tok = tiny_tokenizer()
+    texts = ["Question: a b c\nAnswer:", "short", "Question: a much longer question about things\nAnswer:"] * 4
+    model = _random_routers(tiny_model("llama"), "sequence")
+    t_texts = calibrate_thresholds(model, texts, 0.5, tokenizer=tok, batch_size=4)
+    enc = [tok(t)["input_ids"] for t in texts]
+    batches = []
+    for i in range(0, len(enc), 4):
+        rows = enc[i : i + 4]
+        T = max(map(len, rows))
+        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    assert calibrate_thresholds(model, batches, 0.5) == pytest.approx(t_texts)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        calibrate_thresholds(model, texts, 0.5)
+
+
 # -- multi-process ---------------------------------------------------------------------------------------------------
 
 
