@@ -47,6 +47,7 @@ from .reporting import write_atomic
 TARGETS = ("attn", "mlp", "block")
 LEVELS = ("sequence", "token")
 MODES = ("real", "masked")
+EXPERTS = "experts"  # RouterConfig.target of Mixture-of-Experts expert routers (token level; see routertune_lib.moe)
 CHECKPOINT_FORMAT = "routertune-routers/1"
 
 
@@ -54,7 +55,8 @@ CHECKPOINT_FORMAT = "routertune-routers/1"
 class RouterConfig:
     """What is routed and how.
 
-    target: sub-layers one router gates: ``attn``, ``mlp`` or ``block`` (attention and MLP, one decision).
+    target: sub-layers one router gates: ``attn``, ``mlp`` or ``block`` (attention and MLP, one decision); or
+        ``experts``: one token-level router per expert of each MoE block (``routertune_lib.moe``; level ``token``).
     level: ``sequence`` (one decision per sequence, made at prefill) or ``token`` (one per token).
     num_layers: route the ``n`` deepest layers except the last (0-based ``N-n-1 .. N-2``); default ``N // 2``.
     layers: explicit 0-based layer indices instead of ``num_layers``.
@@ -72,8 +74,11 @@ class RouterConfig:
     capacity_weight: float = 0.1
 
     def __post_init__(self):
-        if self.target not in TARGETS:
-            raise ValueError(f"RouterConfig.target must be one of {TARGETS}, got {self.target!r}")
+        if self.target not in TARGETS + (EXPERTS,):
+            raise ValueError(f"RouterConfig.target must be one of {TARGETS + (EXPERTS,)}, got {self.target!r}")
+        if self.target == EXPERTS and self.level != "token":
+            raise ValueError(f"RouterConfig.target={EXPERTS!r} routes tokens to experts: level must be 'token', "
+                             f"got {self.level!r}")
         if self.level not in LEVELS:
             raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
         if self.num_layers is not None and self.layers is not None:
@@ -157,9 +162,19 @@ class RoutingTrace:
             d.layer: float((d.keep.detach() * d.weight).sum() / d.weight.sum().clamp_min(1.0)) for d in self.decisions
         }
 
-    def counts(self) -> dict[int, tuple[float, float]]:
-        """``{layer: (executed, total)}`` input counts, for accumulating statistics over many forwards."""
-        return {d.layer: (float((d.keep.detach() * d.weight).sum()), float(d.weight.sum())) for d in self.decisions}
+    def counts(self, token_level_only: bool = False) -> dict[int, tuple[float, float]]:
+        """``{layer: (executed, total)}`` input counts, for accumulating statistics over many forwards.
+
+        token_level_only: leave out sequence decisions (``keep`` of shape ``[B]``), e.g. in a forward that continues
+        cached sequences, whose sequence decisions were counted when they were made.
+        """
+        counts: dict[int, tuple[float, float]] = {}
+        for d in self.decisions:
+            if token_level_only and d.keep.dim() == 1:
+                continue
+            e, n = counts.get(d.layer, (0.0, 0.0))
+            counts[d.layer] = (e + float((d.keep.detach() * d.weight).sum()), n + float(d.weight.sum()))
+        return counts
 
 
 @dataclass
@@ -466,13 +481,18 @@ class RoutedLayerMixin:
 
 @dataclass
 class RoutingSetup:
-    """What ``attach_routers`` did to a model (``model.routertune``). ``mode`` is the inference execution mode."""
+    """What ``attach_routers`` did to a model (``model.routertune``). ``mode`` is the inference execution mode.
+
+    module_path: where the routers live inside each routed decoder layer (``None``: the layer itself; e.g.
+        ``mlp.experts`` for expert routers); ``routed_layers`` returns those modules.
+    """
 
     config: RouterConfig
     layers: list[int]
     static: bool
     mode: str = "real"
     hooks: list = field(default_factory=list, repr=False)
+    module_path: str | None = None
 
 
 def _routing_pre_hook(model, args, kwargs):
@@ -493,9 +513,14 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
     With ``static_drop=True`` the selected layers get no router and are always skipped (the paper's Layer Drop /
     Attention Drop baseline), through the same real-skip path.
     Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly the dense model.
+    ``config.target == "experts"`` attaches expert routers to the MoE blocks instead (``moe.attach_expert_routers``).
     """
     if getattr(model, "routertune", None) is not None:
         raise ValueError("This model already has routers; call detach_routers(model) first.")
+    if config.target == EXPERTS:
+        from .moe import attach_expert_routers
+
+        return attach_expert_routers(model, config, static_drop=static_drop)
     arch = arch_spec(model)
     layers = decoder_layers(model)
     indices = config.resolve_layers(len(layers))
@@ -524,8 +549,7 @@ def detach_routers(model: nn.Module) -> nn.Module:
     setup = _setup(model)
     for h in setup.hooks:
         h.remove()
-    for i in setup.layers:
-        layer = decoder_layers(model)[i]
+    for layer in routed_layers(model).values():
         del layer.router, layer.routing
         layer.__class__ = type(layer).__bases__[1]
     model.routertune = None
@@ -540,9 +564,13 @@ def _setup(model) -> RoutingSetup:
 
 
 def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """``{layer_index: routed decoder layer}``."""
+    """``{layer_index: routed module}``: the decoder layer, or its ``RoutingSetup.module_path`` submodule (expert
+    routers); each carries ``router`` and ``routing`` (with ``threshold``)."""
+    setup = _setup(model)
     layers = decoder_layers(model)
-    return {i: layers[i] for i in _setup(model).layers}
+    if setup.module_path is None:
+        return {i: layers[i] for i in setup.layers}
+    return {i: layers[i].get_submodule(setup.module_path) for i in setup.layers}
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
