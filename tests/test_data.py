@@ -241,6 +241,25 @@ def test_offline_mix(olmo_cache):
     assert not asked & evaluated
 
 
+def test_unknown_offline_source_lists_valid():
+    with pytest.raises(ValueError, match="csqa.*socialiqa.*sciq"):
+        load_instruction_data("offline-mix:alpaca")
+
+
+@pytest.mark.data
+def test_offline_mix_single_sources(olmo_cache):
+    sizes = {"csqa": 9741 + 1221, "socialiqa": 33410 + 1954, "sciq": 1000}
+    mix = {json.dumps(c, sort_keys=True) for c in load_instruction_data()}
+    for name, size in sizes.items():
+        rows = load_instruction_data(f"offline-mix:{name}")
+        assert len(rows) == size, name
+        assert rows[:50] == load_instruction_data(f"offline-mix:{name}", limit=50)
+        assert rows[:50] != load_instruction_data(f"offline-mix:{name}", limit=50, seed=1)
+        if name != "sciq":  # SciQ's options are shuffled with the mix's rng, so only csqa/socialiqa rows are identical
+            assert all(json.dumps(c, sort_keys=True) in mix for c in rows[:200]), name
+    assert data.offline_mix(0, sources=list(data.OFFLINE_SOURCES))[:100] == load_instruction_data(limit=100)
+
+
 @pytest.mark.data
 def test_cached_loads_are_fast(olmo_cache):
     import time

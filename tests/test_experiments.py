@@ -58,6 +58,65 @@ def test_tuned_routers_refuses_a_routed_model(tmp_path, monkeypatch):
         experiments.tuned_routers(None, RouterConfig(num_layers=2), TrainConfig(), model=model, tokenizer=tok)
 
 
+def test_tuned_routers_caches_the_lora_adapter_and_hands_the_model_back_dense(tmp_path, monkeypatch):
+    import torch
+
+    from routertune_lib.evaluation import model_fingerprint
+    from routertune_lib.training import LoraSettings
+
+    model, tok = tiny_random_model()
+    monkeypatch.setattr(experiments, "cache_dir", lambda: tmp_path / "cache")
+    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+    trained_logits = []
+    real_train = experiments.train_routers
+
+    def spy(*args, **kwargs):  # the trained (unmerged) PeftModel's output, before tuned_routers unloads it
+        result = real_train(*args, **kwargs)
+        result.model.eval()
+        with torch.no_grad():
+            trained_logits.append(result.model(input_ids=ids).logits)
+        return result
+
+    monkeypatch.setattr(experiments, "train_routers", spy)
+    rc = RouterConfig(target="attn", level="sequence", num_layers=2)
+    lora = LoraSettings(r=2, alpha=4.0, dropout=0.0)
+    tc = TrainConfig(learning_rate=1e-2, global_batch_size=4, micro_batch_size=2, max_length=128, lora=lora)
+
+    path = experiments.tuned_routers(None, rc, tc, num_samples=8, model=model, tokenizer=tok)
+    adapter = experiments.tuned_adapter(path)
+    assert adapter is not None and (adapter / "adapter_config.json").is_file()
+    assert experiments.router_record(path)["adapter"] == str(adapter)
+    # the caller's model is dense again: no routers, no LoRA layers, same output
+    assert getattr(model, "routertune", None) is None and not hasattr(model, "peft_config")
+    assert not [n for n, _ in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense_logits, rtol=0, atol=0)
+    # the cached routers + merged adapter reproduce the trained model; the eval cache key sees the merged weights
+    with experiments.routed_copy(model, path, adapter) as loaded:
+        assert not [n for n, _ in loaded.named_parameters() if "lora_" in n]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(input_ids=ids).logits, trained_logits[0], rtol=1e-4, atol=1e-4)
+        assert model_fingerprint(loaded)["weights"] != model_fingerprint(model)["weights"]
+    assert experiments.tuned_routers(None, rc, tc, num_samples=8, model=model, tokenizer=tok) == path
+    assert len(trained_logits) == 1  # cached
+
+    # LoRA alone (routers not trained): zero routers, its own key, an adapter that changes the dense model
+    alone = experiments.tuned_routers(None, rc, TrainConfig(**{**tc.to_dict(), "train_routers": False}),
+                                      num_samples=8, model=model, tokenizer=tok)
+    assert alone != path and experiments.router_record(alone)["final_capacity"] == 1.0
+    with experiments.routed_copy(model, alone) as routers_only:
+        assert all((layer.router.weight == 0).all() for layer in routed_layers(routers_only).values())
+    with experiments.routed_copy(model, adapter_path=experiments.tuned_adapter(alone)) as lora_only:
+        assert getattr(lora_only, "routertune", None) is None
+        with torch.no_grad():
+            torch.testing.assert_close(lora_only(input_ids=ids).logits, trained_logits[1], rtol=1e-4, atol=1e-4)
+        assert model_fingerprint(lora_only)["weights"] != model_fingerprint(model)["weights"]
+    assert experiments.tuned_adapter(experiments.tuned_routers(None, rc, TrainConfig(**{**tc.to_dict(), "lora": None}),
+                                                               num_samples=8, model=model, tokenizer=tok)) is None
+
+
 def _results(scores: dict[str, list[float]], executed: float | None = None) -> EvalResults:
     tasks = {}
     for t, xs in scores.items():
@@ -108,3 +167,19 @@ def test_profiles_and_speedups():
                                         prompt_len=8, num_prompts=2)
     assert isinstance(rows, pd.DataFrame) and list(rows.setting) == ["dense", "routed"]
     assert rows.speedup.iloc[0] == 1.0 and rows.kv_ratio.iloc[0] == 1.0 and (rows.speedup > 0).all()
+
+
+def test_load_base_model_builds_tiny_random_models_of_builtin_architectures():
+    model, tok = experiments.load_base_model("tiny-random-smollm2-135m")
+    assert model.config.name_or_path == "tiny-random-smollm2-135m" and model.config.num_hidden_layers == 4
+    assert model.config.model_type == experiments.load_base_model(None)[0].config.model_type == "llama"
+    assert tok.pad_token_id is not None
+    with pytest.raises(ValueError, match="tiny-random-smollm2-135m"):
+        experiments.load_base_model("tiny-random-gpt2")
+
+
+def test_paper_models_cover_the_models_of_figures_5_6_and_table_5():
+    for curves in (paper.PAPER_FIGURE5, paper.PAPER_FIGURE6):
+        for name, points in curves.items():
+            assert max(points) < paper.PAPER_MODELS[name]["num_layers"], name  # routed layers exclude the last
+    assert set(paper.PAPER_TABLE5) <= set(paper.PAPER_MODELS)

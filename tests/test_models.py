@@ -26,6 +26,7 @@ from routertune_lib.models import (
     model_identity,
     resolve_device,
     resolve_dtype,
+    tiny_random_model,
 )
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -247,3 +248,21 @@ def test_gemma3_loads(gemma3):
     logits = _logits(model, tokenizer)
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.model
+def test_gemma3_base_gets_gemma3_turn_format_for_router_tuning():
+    from routertune_lib.training import IGNORE_INDEX, tokenize_conversations
+
+    _, tokenizer = tiny_random_model("gemma3-270m")  # the base model's GGUF carries no chat template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": " Paris "}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n"
+        "<start_of_turn>model\nParis<end_of_turn>\n")
+    assert tokenizer.apply_chat_template(messages[1:2], tokenize=False, add_generation_prompt=True).endswith(
+        "<end_of_turn>\n<start_of_turn>model\n")
+    (row,) = tokenize_conversations(tokenizer, [{"messages": messages}], max_length=64)
+    assert row["input_ids"][0] == tokenizer.bos_token_id
+    labelled = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Paris<end_of_turn>\n"
