@@ -53,7 +53,7 @@ import time
 import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +178,12 @@ class GenerativeTask:
     fewshot_delimiter: str = "\n\n"
     output_type: str = "generate_until"
     fewshot_from_eval: bool = False  # few-shot pool is the evaluated split (the evaluated doc is excluded)
+    version: str = "2"  # in the results-cache key; 2: records carry the routing statistics of the generation
+
+    def prompt(self, doc: dict, fewshot: Sequence[dict] = ()) -> str:
+        """The generation prompt: ``sum(text_i + " " + target_i + "\\n\\n") + text`` (lm-eval few-shot format)."""
+        return "".join(self.doc_to_text(e) + self.target_delimiter + self.doc_to_target(e) + self.fewshot_delimiter
+                       for e in fewshot) + self.doc_to_text(doc)
 
 
 def _arc(name: str) -> MultipleChoiceTask:
@@ -299,6 +305,13 @@ def _arithmetic_docs(split: str) -> list[dict]:
     return rows
 
 
+def _arithmetic_plus_docs(split: str) -> list[dict]:
+    """The additions of ``allenai/basic_arithmetic`` with operands of at most two digits (ids ``*_max1d_plus`` /
+    ``*_max2d_plus``; 462 of the 3000 rows): the sub-type a 135M model solves often enough to measure a drop (the
+    whole set is mostly 3- to 6-digit arithmetic, subtraction with negative results, multiplication and division)."""
+    return [d for d in _arithmetic_docs(split) if re.search(r"_max[12]d_plus$", d["id"])]
+
+
 def _gsm8k_docs(split: str) -> list[dict]:
     import datasets
 
@@ -349,6 +362,8 @@ GEN_TASKS: dict[str, GenerativeTask] = {
         ),
     ]
 }
+# Additions of at most two-digit numbers (same prompts, scoring): the stand-in where a small model scores clearly above 0.
+GEN_TASKS["arithmetic_plus"] = replace(GEN_TASKS["arithmetic"], name="arithmetic_plus", load=_arithmetic_plus_docs)
 
 TASK_REGISTRY: dict[str, MultipleChoiceTask | GenerativeTask] = {**MC_TASKS, **GEN_TASKS}
 
@@ -400,28 +415,41 @@ def task_docs(name: str, limit: int | None = None, seed: int = 1234) -> tuple[li
     return idx, docs
 
 
-def task_prompts(tasks: str | Iterable[str], num_prompts: int, seed: int = 0) -> list[str]:
-    """``num_prompts`` 0-shot contexts (the strings :func:`evaluate` scores choices after), drawn seeded and round
-    robin over ``tasks`` from each task's few-shot split (its training split where the data has one).
+def task_prompts(tasks: str | Iterable[str], num_prompts: int, seed: int = 0, num_fewshot: int = 0) -> list[str]:
+    """``num_prompts`` 0-shot contexts (the strings :func:`evaluate` scores choices after, or a generative task's
+    prompt), drawn seeded and round robin over ``tasks`` from each task's few-shot split (its training split where
+    the data has one; a generative task's evaluated split when its few-shot pool is that split).
 
     This is unlabelled calibration text in the evaluation's format: thresholds calibrated on it give the target
     capacity on the evaluation, where chat conversations (the tuning data) route differently. Multiple-input tasks
     (WinoGrande) contribute their gold context. Tasks whose few-shot split is their eval split (RTE offline) warn.
+    num_fewshot: prepend this many solved examples of the same pool (never the prompt's own doc), as
+        :func:`evaluate` does with ``num_fewshot``: a sequence-level router decides on the mean over the whole prompt,
+        so calibrate few-shot evaluations on few-shot prompts. 0 gives the 0-shot contexts (the same ones as before).
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     if num_prompts < 1 or not names:
         raise ValueError(f"task_prompts needs num_prompts >= 1 and at least one task, got {num_prompts}, {names}")
+    if num_fewshot < 0:
+        raise ValueError(f"task_prompts needs num_fewshot >= 0, got {num_fewshot}")
     pools = []
     for name in names:
         task = get_task(name)
         if isinstance(task, GenerativeTask):
             docs = task.load("eval" if task.fewshot_from_eval else "fewshot")
-            texts = [task.doc_to_text(d) for d in docs]
         else:
             docs = _data.load_task(name, "fewshot").to_list()
             docs = [task.process_doc(d) for d in docs] if task.process_doc else docs
-            texts = [task.requests(d)[task.gold(d) if task.multiple_input else 0][0] for d in docs]
-        random.Random(f"{name}:prompts:{seed}").shuffle(texts)
+        order = list(range(len(docs)))
+        random.Random(f"{name}:prompts:{seed}").shuffle(order)  # the same permutation for any num_fewshot
+        sampler = FewshotSampler(task, docs, seed, exclude_eval_doc=True) if num_fewshot else None
+        texts = []
+        for i in order[:num_prompts]:
+            shots = sampler.sample(num_fewshot, docs[i]) if sampler else ()
+            if isinstance(task, GenerativeTask):
+                texts.append(task.prompt(docs[i], shots))
+            else:
+                texts.append(task.requests(docs[i], shots)[task.gold(docs[i]) if task.multiple_input else 0][0])
         pools.append(texts)
     out = []
     for rank in range(max(map(len, pools))):
@@ -498,6 +526,18 @@ def tok_encode(tokenizer, text: str, add_special_tokens: bool | None = None) -> 
     return tokenizer.encode(text, **kw)
 
 
+def prompt_ids(tokenizer, texts: Sequence[str], length: int | None = None) -> torch.Tensor:
+    """``[P, length]`` token ids: the last ``length`` tokens of each text as :func:`tok_encode` (the evaluation) encodes
+    it; ``None`` = the shortest text's length. Equal-length real prompts for timing (``speed.compare_settings``)."""
+    enc = [tok_encode(tokenizer, t) for t in texts]
+    shortest = min(len(e) for e in enc) if enc else 0
+    length = shortest if length is None else length
+    if not enc or length < 1 or length > shortest:
+        raise ValueError(f"prompt_ids needs texts of at least length={length} tokens; the shortest has {shortest}: "
+                         "pass a smaller length or longer texts (e.g. more few-shot examples)")
+    return torch.tensor([e[len(e) - length:] for e in enc], dtype=torch.long)
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's request encoding: ``(context_enc, continuation_enc)`` token ids."""
     if context == "":
@@ -536,13 +576,7 @@ class RoutingStats:
         trace = getattr(output, "routing", None) if not isinstance(output, dict) else output.get("routing")
         if trace is None:
             return
-        for d in trace.decisions:
-            if token_level_only and d.keep.dim() == 1:  # a sequence decision reused from the cache
-                continue
-            ex, tot = float((d.keep.detach() * d.weight).sum()), float(d.weight.sum())
-            c = self.counts.setdefault(d.layer, [0.0, 0.0])
-            c[0] += ex
-            c[1] += tot
+        self.merge(RoutingStats(trace.counts(token_level_only)))
 
     def merge(self, other: "RoutingStats") -> None:
         for k, (e, t) in other.counts.items():
@@ -918,6 +952,8 @@ def evaluate(
             "version": HARNESS_VERSION, "model": ident, "task": name, "shots": shots, "limit": limit, "seed": seed,
             "share_context": share_context, "max_length": max_length,
         }
+        if isinstance(task, GenerativeTask):
+            key["task_version"] = task.version
         path = _cache_path(key) if cache else None
         if path is not None and path.is_file():
             r = TaskResult(**json.loads(path.read_text()))
@@ -997,8 +1033,13 @@ def _run_multiple_choice(model, tokenizer, task, shots, limit, seed, batch_size,
 
 @torch.no_grad()
 def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str], max_new_tokens: int = 256,
-                   batch_size: int = 16, max_length: int = 2048) -> list[str]:
-    """Greedy continuation of each prompt, cut at the first stop string (left-padded batches, longest first)."""
+                   batch_size: int = 16, max_length: int = 2048, stats: RoutingStats | None = None) -> list[str]:
+    """Greedy continuation of each prompt, cut at the first stop string (left-padded batches, longest first).
+
+    stats: if given, accumulates the routing decisions of the generation (routed models): every decision of each
+    batch's prefill, then only fresh token-level decisions of the decode steps (a sequence-level decision is made once
+    at prefill and reused), the counting of :func:`loglikelihoods`.
+    """
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     device = _device(model)
@@ -1015,31 +1056,40 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str
             texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=False)
             return torch.tensor([any(s in t for s in until) for t in texts], device=input_ids.device)
 
-    for b in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
-        chunk = order[b : b + batch_size]
-        ids, mask = _left_pad([enc[i] for i in chunk], pad, device)
-        gen = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_Stop(ids.shape[1])]),
-            temperature=None, top_p=None, top_k=None,
-        )
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=False)
-        for i, t in zip(chunk, texts):
-            for s in until:
-                t = t.split(s)[0]
-            out[i] = t
+    forwards = [0]  # forwards of the current generate call: the first is the prefill
+
+    def count(module, args, output):  # runs after the routing hooks, which put the trace on the output
+        stats.add(output, token_level_only=forwards[0] > 0)
+        forwards[0] += 1
+
+    handle = model.register_forward_hook(count) if stats is not None else None
+    try:
+        for b in tqdm(range(0, len(order), batch_size), desc="generate", leave=False):
+            chunk = order[b : b + batch_size]
+            ids, mask = _left_pad([enc[i] for i in chunk], pad, device)
+            forwards[0] = 0
+            gen = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_Stop(ids.shape[1])]),
+                temperature=None, top_p=None, top_k=None,
+            )
+            texts = tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=False)
+            for i, t in zip(chunk, texts):
+                for s in until:
+                    t = t.split(s)[0]
+                out[i] = t
+    finally:
+        if handle is not None:
+            handle.remove()
     return out  # type: ignore[return-value]
 
 
 def _run_generative(model, tokenizer, task: GenerativeTask, shots, limit, seed, batch_size, max_length):
     idx, docs = task_docs(task.name, limit, seed)
     sampler = _fewshot_sampler(task, shots, seed)
-    prompts = []
-    for d in docs:
-        ex = sampler.sample(shots, d) if sampler else []
-        prompts.append("".join(task.doc_to_text(e) + task.target_delimiter + task.doc_to_target(e)
-                               + task.fewshot_delimiter for e in ex) + task.doc_to_text(d))
-    gens = generate_until(model, tokenizer, prompts, task.until, task.max_new_tokens, batch_size, max_length)
+    prompts = [task.prompt(d, sampler.sample(shots, d) if sampler else ()) for d in docs]
+    stats = RoutingStats()
+    gens = generate_until(model, tokenizer, prompts, task.until, task.max_new_tokens, batch_size, max_length, stats)
     records = []
     for i, d, g in zip(idx, docs, gens):
         pred, gold = normalize_answer(task.extract(g)), normalize_answer(task.doc_to_answer(d))
@@ -1047,7 +1097,7 @@ def _run_generative(model, tokenizer, task: GenerativeTask, shots, limit, seed, 
                         "exact_match": float(pred == gold)})
     m, s = _mean_stderr([r["exact_match"] for r in records])
     return TaskResult(task.name, "exact_match", shots, len(records), {"exact_match": m}, {"exact_match": s},
-                      chance=0.0, records=records)
+                      chance=0.0, records=records, routing={k: list(v) for k, v in stats.counts.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------
