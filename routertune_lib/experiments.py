@@ -134,8 +134,8 @@ def tuned_routers(
     with the routers is kept beside it as ``<key>.adapter/`` (peft ``save_pretrained``; see :func:`tuned_adapter`,
     :func:`merge_adapter`); with ``train_routers=False`` as well, the routers stay at their zero initialisation
     (every input executed, i.e. exactly the dense model), so the run is LoRA alone. Training data: the first
-    ``num_samples`` conversations of ``load_instruction_data(data_source, seed=seed)``; use
-    :func:`held_out_conversations` for calibration data that does not overlap them.
+    ``num_samples`` conversations of ``load_instruction_data(data_source, seed=seed)``; calibrate thresholds on
+    evaluation-style text (``evaluation.task_prompts``), not on these conversations.
 
     model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
     model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained
@@ -222,11 +222,6 @@ def merge_adapter(model, adapter_path: str | Path):
 def router_record(path: str | Path) -> dict:
     """The key and training summary (steps, wall_time_s, final_capacity, ...) stored beside a cached checkpoint."""
     return json.loads(Path(path).with_suffix(".json").read_text())
-
-
-def held_out_conversations(data_source: str, num_samples: int, num_held_out: int, seed: int = 0) -> list[dict]:
-    """``num_held_out`` conversations that follow the ``num_samples`` training ones of :func:`tuned_routers`."""
-    return load_instruction_data(data_source, limit=num_samples + num_held_out, seed=seed)[num_samples:]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,7 +369,8 @@ def routed_copy(model, router_path: str | Path | None = None, adapter_path: str 
 
 __all__ = [
     "PAPER_TASKS", "PROFILES", "accuracy_table",
-    "comparison_frame", "conversation_batches", "executed_fractions", "held_out_conversations", "load_base_model", "measure_speedups", "merge_adapter",
+    "comparison_frame", "conversation_batches", "executed_fractions", "load_base_model", "measure_speedups",
+    "merge_adapter",
     "overall_skip", "paper_tasks_mean", "profile_settings", "profile_train_config", "randomize_routers",
     "routed_copy", "router_cache_key", "router_record", "tuned_adapter", "tuned_routers",
 ]

@@ -108,7 +108,7 @@ def run_method(config: CostConfig, method: str) -> dict:
     Run it in a fresh process (:func:`measure_method`) for a peak memory of this method alone.
     """
     from .data import load_instruction_data
-    from .experiments import load_base_model
+    from .experiments import executed_fractions, load_base_model
     from .routing import RouterConfig, routed_layers
     from .training import LoraSettings, TrainConfig, calibrate_thresholds, train_routers
 
@@ -141,22 +141,10 @@ def run_method(config: CostConfig, method: str) -> dict:
             out["capacity_trained"] = result.final_capacity
             calibrate_thresholds(model, calib, c.capacity, tokenizer=tokenizer, max_length=c.max_length)
             for name, convs in (("capacity_calibrated", calib), ("capacity_held_out", test)):
-                out[name] = executed_fraction(model, tokenizer, convs, c.max_length)
+                out[name] = executed_fractions(model, convs, tokenizer, c.max_length)["overall"]
             out["layers"] = list(routed_layers(model))
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
-
-
-@torch.no_grad()
-def executed_fraction(model, tokenizer, conversations, max_length: int) -> float:
-    """Executed fraction over all routed layers of a routed model on chat ``conversations`` (inference mode)."""
-    from .training import _calibration_batches
-
-    executed = total = 0.0
-    for batch in _calibration_batches(conversations, tokenizer, 8, max_length, next(model.parameters()).device):
-        for e, n in model(**batch, use_cache=False).routing.counts().values():
-            executed, total = executed + e, total + n
-    return executed / max(total, 1.0)
 
 
 def full_finetune(model, tokenizer, train, config: CostConfig, limit: int) -> dict:
