@@ -5,9 +5,12 @@ exported to JSONL, and a task YAML is written (in a temp dir) that ``include``s 
 points it at the local file (``dataset_path: json``, ``dataset_kwargs.data_files``). MMLU gets one YAML per sampled
 subject including lm-eval's ``mmlu_<subject>.yaml``; its metric is the accuracy over all questions (the size-weighted
 group mean). lm-eval's ``hf`` model (HFLM) wraps the same loaded model object; both harnesses use the same batch
-size. Prints per task: both metrics, per-example choice disagreements, max |loglik difference|, examples/s.
+size. Prints per task: both metrics, per-example choice disagreements, max |loglik difference|, examples/s, and
+writes the table (plus a TOTAL row: summed times) to ``results/lm_eval_agreement/`` with the command that made it.
 
     python benchmarks/lm_eval_agreement.py --tasks piqa,hellaswag,mmlu --limit 50 --num-fewshot 0
+    python benchmarks/lm_eval_agreement.py --tasks paper --limit 200 --num-fewshot 0      # the eight paper tasks
+    python benchmarks/lm_eval_agreement.py --tasks mmlu,arc_challenge --limit 20 --num-fewshot paper  # Table 1 shots
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import tempfile
 import time
@@ -22,10 +26,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from routertune_lib import data
 from routertune_lib import evaluation as ev
+from routertune_lib.reporting import run_info, write_json, write_table
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def lm_eval_task_dir() -> Path:
@@ -108,25 +116,26 @@ def run(task_names, limit, shots, seed, batch_size, model_name, share_context=Tr
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     with torch.no_grad():  # warm-up
         model(input_ids=torch.tensor([tok.encode("warm up the kernels")]))
-    report = {"model": model_name, "limit": limit, "num_fewshot": shots, "batch_size": batch_size, "seed": seed, "repeats": repeats,
-              "torch_threads": torch.get_num_threads(), "tasks": {}}
+    report = {"model": model_name, "limit": limit, "num_fewshot": shots, "batch_size": batch_size, "seed": seed,
+              "repeats": repeats, "run": run_info(), "tasks": {}}
     with tempfile.TemporaryDirectory(prefix="rtagree-") as tmp:
         tmp = Path(tmp)
         for name in task_names:
             task = ev.get_task(name)
-            made = export_task(name, limit, seed, shots, tmp)
+            k = task.num_fewshot if shots == "paper" else int(shots)
+            made = export_task(name, limit, seed, k, tmp)
             tm = TaskManager(include_path=str(tmp))
             t_lm = t_ours = float("inf")  # best of `repeats` wall times (the machine is shared), alternating
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 res = simple_evaluate(
-                    model=lm, tasks=[m for m, _ in made], num_fewshot=shots, task_manager=tm, log_samples=True,
+                    model=lm, tasks=[m for m, _ in made], num_fewshot=k, task_manager=tm, log_samples=True,
                     batch_size=batch_size, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
                     torch_random_seed=seed, fewshot_random_seed=seed,
                 )
                 t_lm = min(t_lm, time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                ours = ev.evaluate(model, tok, [name], num_fewshot=shots, limit=limit, seed=seed,
+                ours = ev.evaluate(model, tok, [name], num_fewshot=k, limit=limit, seed=seed,
                                    batch_size=batch_size, cache=False, share_context=share_context).tasks[name]
                 t_ours = min(t_ours, time.perf_counter() - t0)
             by_id = {r["doc_id"]: r for r in ours.records}
@@ -145,40 +154,53 @@ def run(task_names, limit, shots, seed, batch_size, model_name, share_context=Tr
                     correct.append(float(s[task.metric]))
             n = len(correct)
             row = {
-                "metric": task.metric, "n": n, "lm_eval": float(np.mean(correct)), "ours": ours.score,
+                "task": name, "shots": k, "metric": task.metric, "n": n, "lm_eval": float(np.mean(correct)), "ours": ours.score,
                 "disagreements": dis, "disagreements_acc_or_norm": dis_other, "max_abs_loglik_diff": max_dll,
                 "lm_eval_s": t_lm, "ours_s": t_ours, "lm_eval_ex_per_s": n / t_lm, "ours_ex_per_s": n / t_ours,
                 "speedup": t_lm / t_ours,
             }
             report["tasks"][name] = row
             print(
-                f"{name:12s} {task.metric:8s} n={n:4d} lm-eval={row['lm_eval']:.4f} ours={row['ours']:.4f} "
+                f"{name:12s} {k:2d}-shot {task.metric:8s} n={n:4d} lm-eval={row['lm_eval']:.4f} ours={row['ours']:.4f} "
                 f"disagree={dis} (acc|norm {dis_other}) max|dll|={max_dll:.2e} "
                 f"ex/s lm-eval={row['lm_eval_ex_per_s']:.2f} ours={row['ours_ex_per_s']:.2f} "
                 f"speedup={row['speedup']:.2f}x",
                 flush=True,
             )
+    rows = list(report["tasks"].values())
+    t_lm, t_ours = sum(r["lm_eval_s"] for r in rows), sum(r["ours_s"] for r in rows)
+    n = sum(r["n"] for r in rows)
+    report["total"] = {
+        "task": "TOTAL", "n": n, "disagreements": sum(r["disagreements"] for r in rows), "lm_eval_s": t_lm,
+        "ours_s": t_ours, "lm_eval_ex_per_s": n / t_lm, "ours_ex_per_s": n / t_ours, "speedup": t_lm / t_ours,
+    }
+    print(f"TOTAL n={n} lm-eval {t_lm:.0f} s, ours {t_ours:.0f} s: {t_lm / t_ours:.2f}x", flush=True)
     return report
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="piqa,hellaswag,mmlu")
+    p.add_argument("--tasks", default="piqa,hellaswag,mmlu", help="comma-separated, or 'paper' for the eight")
     p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--num-fewshot", default="0", help="an int, or 'paper' for each task's Table 1 shots")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--no-share-context", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="time each harness this many times, keep the best")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "lm_eval_agreement",
+                   help="folder for <model>_<shots>shot_limit<limit>.{csv,md,json}")
     args = p.parse_args(argv)
+    if args.num_fewshot != "paper" and not args.num_fewshot.isdigit():
+        p.error(f"--num-fewshot must be an int or 'paper', not {args.num_fewshot!r}")
+    tasks = list(ev.PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     logging.basicConfig(level=logging.WARNING)
-    report = run(args.tasks.split(","), args.limit, args.num_fewshot, args.seed, args.batch_size, args.model,
+    report = run(tasks, args.limit, args.num_fewshot, args.seed, args.batch_size, args.model,
                  share_context=not args.no_share_context, repeats=args.repeats)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    report["command"] = shlex.join(["python", "benchmarks/lm_eval_agreement.py", *(argv or sys.argv[1:])])
+    name = f"{args.model}_{args.num_fewshot}shot_limit{args.limit}"
+    write_json(args.out / f"{name}.json", report)
+    write_table(pd.DataFrame([*report["tasks"].values(), report["total"]]), args.out, name)
     return 0
 
 

