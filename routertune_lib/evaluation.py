@@ -22,11 +22,13 @@ Prompts, choices, targets, few-shot sampling and metrics reproduce lm-eval 0.4.1
   in characters (what lm-eval 0.4.13 computes; the byte lengths are recorded too and equal it for ASCII text).
   MMLU is lm-eval's ``mmlu`` group: size-weighted mean of the subjects = accuracy over all questions (micro).
 
-Scoring engine (:func:`loglikelihoods`): requests are grouped by context; groups are sorted longest first (like
-lm-eval's Collator) and batched; contexts are left-padded and run once (``logits_to_keep=1`` scores every choice's
-first token); when a choice has more tokens, the context's KV cache is expanded to one row per choice and only the
-continuation tokens are run, so the LM head runs on continuation positions only. For a dense model this equals
-scoring each ``context + continuation`` separately (up to float rounding; tested).
+Scoring engine (:func:`loglikelihoods`): requests are grouped by context. Contexts that share a long token prefix
+(MMLU's ``first_n`` few-shot examples: one per subject) form a family whose prefix runs once (where that is exact:
+:func:`prefix_sharing_exact`). Contexts are left-padded and run once (``logits_to_keep=1`` scores every choice's
+first token); when a choice has more tokens, rows of the context's KV cache are selected per choice and only the
+continuation tokens are run, so the LM head runs on continuation positions only. Every forward's rows are sorted by
+length and cut by :func:`length_chunks`, an exact minimum of padded tokens plus a fixed cost per forward. For a dense
+model this equals scoring each ``context + continuation`` separately (up to float rounding; tested).
 
 Routing semantics: with ``share_context=True`` (default) a *sequence-level* router decides on the context alone at
 prefill and the continuation reuses that decision from the cache -- the paper's deployment semantics (decide on the
@@ -662,6 +664,51 @@ def _continuation_scores(logits: torch.Tensor, where: torch.Tensor, conts: Seque
     return [(float(a.sum()), bool(b.all())) for a, b in zip(lp.split(sizes), hit.split(sizes))]
 
 
+def prefix_sharing_exact(model, longest: int) -> bool:
+    """Whether contexts that share a token prefix may share its computation, for sequences up to ``longest`` tokens.
+
+    Not with trained sequence-level routers (their decision depends on the whole context, so a prefix computed once
+    would route differently), nor with sliding-window attention over more than its window (the padding between a
+    shared prefix and each context moves the window, which counts cache slots)."""
+    setup = getattr(model, "routertune", None)
+    if setup is not None and setup.config.level == "sequence" and not setup.static:
+        return False
+    window = getattr(model.config.get_text_config(), "sliding_window", None)
+    return window is None or 2 * longest <= window
+
+
+def prefix_families(contexts: Sequence[tuple], min_prefix: float) -> list[tuple[int, list[tuple]]]:
+    """Group lexicographically sorted ``contexts`` into runs that share a token prefix: ``[(P, run)]``.
+
+    ``P`` is the run's common prefix, capped so each member keeps at least one token of its own. A run grows while
+    its saving, ``(members - 1) * P``, does not shrink and ``P >= min_prefix``; contexts in no such run come as
+    ``(0, run)``. E.g. MMLU's ``first_n`` few-shot examples make one run per subject.
+    """
+    families: list[tuple[int, list[tuple]]] = []
+    loose: list[tuple] = []
+
+    def close(P, run):
+        if len(run) > 1:
+            families.append((P, run))
+        else:
+            loose.extend(run)
+
+    run, P = [], 0
+    for c in contexts:
+        if run:
+            common = next((k for k, (a, b) in enumerate(zip(run[0], c)) if a != b), min(len(run[0]), len(c)))
+            p = min(P, common, len(c) - 1)
+            if p >= min_prefix and len(run) * p >= (len(run) - 1) * P:
+                run.append(c)
+                P = p
+                continue
+            close(P, run)
+        run, P = [c], len(c) - 1
+    if run:
+        close(P, run)
+    return families + ([(0, loose)] if loose else [])
+
+
 @torch.no_grad()
 def loglikelihoods(
     model,
@@ -718,44 +765,66 @@ def loglikelihoods(
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (ctx, _) in enumerate(reqs):
         groups[ctx].append(i)
-    contexts = sorted(groups, key=lambda c: (-len(c), c))
-    for block in length_chunks([len(c) for c in contexts], batch_size, forward_cost):
-        batch = [contexts[k] for k in block]  # one prefill; all of its contexts' choices in the continuation pass
-        ids, mask = _left_pad(batch, pad_id, device)
-        cache = _new_cache(model)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), cache=cache,
-                    use_cache=True, logits_to_keep=1)
-        if stats is not None:
-            stats.add(out)
-        members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
-        rows = torch.tensor([g for g, _ in members], device=device)
-        first = _continuation_scores(out.logits[rows], torch.ones(len(members), 1, dtype=torch.bool, device=device),
-                                     [reqs[i][1][:1] for _, i in members])
-        for (_, i), score in zip(members, first):
-            results[i] = score
-        # continuation pass: the choices sorted by length and cut by length_chunks, so little of it is padding;
-        # each chunk attends to its rows of the shared prefix cache
-        long = sorted((gi for gi in members if len(reqs[gi[1]][1]) > 1), key=lambda gi: (-len(reqs[gi[1]][1]), gi))
-        for part in length_chunks([len(reqs[i][1]) - 1 for _, i in long], batch_size, forward_cost):
-            chunk = [long[k] for k in part]
-            index = torch.tensor([g for g, _ in chunk], device=device)
-            cids, cmask = _right_pad([reqs[i][1][:-1] for _, i in chunk], pad_id, device)
-            out2 = model(
-                input_ids=cids,
-                attention_mask=torch.cat([mask[index], cmask], dim=1),
-                position_ids=_positions(cmask, mask.sum(-1)[index]),
-                cache=_select_rows(cache, index),
-                use_cache=True,
-            )
+    longest = max((len(c) + len(x) for c, x in reqs), default=0)
+    if prefix_sharing_exact(model, longest):
+        families = prefix_families(sorted(groups), min_prefix=forward_cost)
+    else:
+        families = [(0, sorted(groups))]
+    for P, family in families:
+        base = None
+        if P:  # the family's shared prefix runs once; its cache is copied to every row of the family's prefills
+            base = _new_cache(model)
+            out = model(input_ids=torch.tensor([family[0][:P]], device=device), cache=base, use_cache=True,
+                        logits_to_keep=1)
             if stats is not None:
-                stats.add(out2, token_level_only=True)
-            rest = _continuation_scores(out2.logits, cmask.bool(), [reqs[i][1][1:] for _, i in chunk])
-            for (_, i), (ll, greedy) in zip(chunk, rest):
-                results[i] = (results[i][0] + ll, results[i][1] and greedy)
-        pbar.update(len(members))
-        del out, cache
+                stats.add(out)
+        contexts = sorted(family, key=lambda c: (-len(c), c))
+        for block in length_chunks([len(c) - P for c in contexts], batch_size, forward_cost):
+            _score_block(model, [contexts[k] for k in block], P, base, groups, reqs, results, batch_size,
+                         forward_cost, pad_id, stats)
+            pbar.update(sum(len(groups[contexts[k]]) for k in block))
     pbar.close()
     return results  # type: ignore[return-value]
+
+
+def _score_block(model, batch, P, base, groups, reqs, results, batch_size, forward_cost, pad_id, stats) -> None:
+    """Score every request whose context is in ``batch`` (contexts sharing their first ``P`` tokens, whose cache is
+    ``base``; ``P = 0``: nothing shared) into ``results``: one prefill of the contexts (after ``P``), then the
+    choices' continuation tokens on rows of its cache."""
+    device = _device(model)
+    G = len(batch)
+    ids, smask = _left_pad([c[P:] for c in batch], pad_id, device)
+    mask = torch.cat([smask.new_ones(G, P), smask], dim=1)  # [G, P + S]: the shared prefix, padding, the context
+    cache = _select_rows(base, torch.zeros(G, dtype=torch.long, device=device)) if P else _new_cache(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, P:], cache=cache,
+                use_cache=True, logits_to_keep=1)
+    if stats is not None:
+        stats.add(out, token_level_only=bool(P))  # after a shared prefix, sequence decisions come from its cache
+    members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
+    rows = torch.tensor([g for g, _ in members], device=device)
+    first = _continuation_scores(out.logits[rows], torch.ones(len(members), 1, dtype=torch.bool, device=device),
+                                 [reqs[i][1][:1] for _, i in members])
+    for (_, i), score in zip(members, first):
+        results[i] = score
+    # continuation pass: the choices sorted by length and cut by length_chunks, so little of it is padding;
+    # each chunk attends to its rows of the shared prefix cache
+    long = sorted((gi for gi in members if len(reqs[gi[1]][1]) > 1), key=lambda gi: (-len(reqs[gi[1]][1]), gi))
+    for part in length_chunks([len(reqs[i][1]) - 1 for _, i in long], batch_size, forward_cost):
+        chunk = [long[k] for k in part]
+        index = torch.tensor([g for g, _ in chunk], device=device)
+        cids, cmask = _right_pad([reqs[i][1][:-1] for _, i in chunk], pad_id, device)
+        out2 = model(
+            input_ids=cids,
+            attention_mask=torch.cat([mask[index], cmask], dim=1),
+            position_ids=_positions(cmask, mask.sum(-1)[index]),
+            cache=_select_rows(cache, index),
+            use_cache=True,
+        )
+        if stats is not None:
+            stats.add(out2, token_level_only=True)
+        rest = _continuation_scores(out2.logits, cmask.bool(), [reqs[i][1][1:] for _, i in chunk])
+        for (_, i), (ll, greedy) in zip(chunk, rest):
+            results[i] = (results[i][0] + ll, results[i][1] and greedy)
 
 
 def _new_cache(model):

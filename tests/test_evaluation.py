@@ -85,6 +85,53 @@ def test_batching_and_order_do_not_change_results():
         assert abs(shuffled[k][0] - base[i][0]) < 1e-4 and shuffled[k][1] == base[i][1]
 
 
+def fewshot_like_requests(seed=0, vocab=96):
+    """Contexts that share a long prefix (like MMLU's first_n few-shot examples), two families and loose ones."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    reqs = []
+    for prefix in (rand(30), rand(24)):
+        for _ in range(5):
+            ctx = prefix + rand(int(torch.randint(1, 9, (1,), generator=g)))
+            reqs += [(ctx, rand(int(torch.randint(1, 5, (1,), generator=g)))) for _ in range(3)]
+    reqs += [(rand(12), rand(3)), (rand(7), [5])]
+    return reqs
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_shared_prefix_families_equal_separate_sequences(arch):
+    model = tiny_model(arch)
+    reqs = fewshot_like_requests()
+    families = ev.prefix_families(sorted({tuple(c) for c, _ in reqs}), min_prefix=4)
+    assert sorted(P for P, _ in families) == [0, 24, 30]  # two families and the loose contexts
+    shared = [ll for ll, _ in ev.loglikelihoods(model, reqs, batch_size=3, forward_cost=4)]
+    np.testing.assert_allclose(shared, reference_logliks(model, reqs), atol=1e-4)
+
+
+@pytest.mark.parametrize("level,static,shares", [("token", False, True), ("sequence", True, True),
+                                                 ("sequence", False, False)])
+def test_shared_prefix_with_routers(level, static, shares):
+    """Token-level routers and static drop share prefixes exactly; trained sequence-level routers decide on the whole
+    context, so their contexts are not split (results equal scoring each request alone)."""
+    model = attach_routers(tiny_model("llama"), RouterConfig(target="attn", level=level, num_layers=3),
+                           static_drop=static)
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        if getattr(layer, "router", None) is not None:
+            torch.nn.init.normal_(layer.router.weight, std=2.0)
+    assert ev.prefix_sharing_exact(model, 100) is shares
+    reqs = fewshot_like_requests(seed=1)
+    shared = [ll for ll, _ in ev.loglikelihoods(model, reqs, batch_size=4, forward_cost=4)]
+    single = [ev.loglikelihoods(model, [r])[0][0] for r in reqs]
+    np.testing.assert_allclose(shared, single, atol=1e-4)
+
+
+def test_no_prefix_sharing_past_a_sliding_window():
+    model = tiny_model("gemma3")
+    window = model.config.get_text_config().sliding_window
+    assert ev.prefix_sharing_exact(model, window // 2) and not ev.prefix_sharing_exact(model, window // 2 + 1)
+
+
 def test_forward_cost_only_changes_chunking():
     """One forward per request (cost 0) and the fewest forwards (huge cost) give the same scores and greedy flags."""
     model = tiny_model("llama")
