@@ -370,7 +370,10 @@ class RoutedLayerMixin:
             g = gate[:, None, None] if gate.dim() == 1 else gate[..., None]
             return h + g * self._attn_delta(x, attention_mask, attn_kwargs)
         if self.routing.level == "token":
-            return h + self._attn_delta_for_tokens(x, gate.bool(), attention_mask, attn_kwargs)
+            keep = gate.bool()
+            if bool(keep.all()):  # every token kept: the plain path, no gather
+                return h + self._attn_delta(x, attention_mask, attn_kwargs)
+            return h + self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs)
         rows = gate.bool().nonzero().squeeze(1)  # [K]
         if rows.numel() == h.shape[0]:
             return h + self._attn_delta(x, attention_mask, attn_kwargs)
@@ -396,6 +399,8 @@ class RoutedLayerMixin:
             idx, flat = gate.bool().reshape(-1).nonzero().squeeze(1), h.reshape(B * T, d)  # kept tokens [K]
         if idx.numel() == 0:
             return h
+        if idx.numel() == flat.shape[0]:  # every row / token kept: no gather
+            return h + self._mlp_delta(h)
         return flat.index_add(0, idx, self._mlp_delta(flat.index_select(0, idx))).view(B, T, d)
 
     def _advance_empty_cache(self, x, cache) -> None:
@@ -417,11 +422,6 @@ class RoutedLayerMixin:
         hd = attn.head_dim
         modeling = sys.modules[type(attn).__module__]  # the family's own rotary and eager attention functions
         rope = modeling.apply_rotary_pos_emb
-        counts = keep.sum(1)  # [B]
-        Tq = int(counts.max())
-        # kept positions first, in order: q_pos [B, Tq]; slots past a row's count are padding (discarded)
-        q_pos = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]
-        q_valid = torch.arange(Tq, device=x.device)[None, :] < counts[:, None]  # [B, Tq]
 
         k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # [B, kv_heads, T, hd]
         v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
@@ -432,8 +432,13 @@ class RoutedLayerMixin:
         cache = attn_kwargs["cache"]
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)  # [B, kv_heads, S, hd]
-        if Tq == 0:
+        counts = keep.sum(1)  # [B]
+        Tq = int(counts.max())
+        if Tq == 0:  # e.g. a skipped decode step: its K/V are written, nothing else runs
             return torch.zeros_like(x)
+        # kept positions first, in order: q_pos [B, Tq]; slots past a row's count are padding (discarded)
+        q_pos = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]
+        q_valid = torch.arange(Tq, device=x.device)[None, :] < counts[:, None]  # [B, Tq]
 
         gather = q_pos[..., None].expand(-1, -1, d)
         q = attn.q_proj(x.gather(1, gather)).view(B, Tq, -1, hd).transpose(1, 2)  # [B, heads, Tq, hd]
