@@ -633,17 +633,22 @@ def _device(model) -> torch.device:
 # forward where padding more rows to the chunk's longest would cost more. Accelerators pad almost for free.
 FORWARD_COST_TOKENS = {"cpu": 64}
 _FORWARD_COST_TOKENS_ACCELERATOR = 1024
+ROWS_PER_BATCH_SIZE = 8  # short sequences: at most this many times batch_size rows in one forward
 
 
-def length_chunks(lengths: Sequence[int], max_rows: int, forward_cost: float) -> list[range]:
-    """Cut items sorted by length (descending) into consecutive chunks of at most ``max_rows`` items, minimising
-    ``sum(forward_cost + rows * longest)``: the padded tokens a chunk computes plus a fixed cost per forward
-    (exact dynamic programme, ``O(len(lengths) * max_rows)``)."""
+def length_chunks(lengths: Sequence[int], max_tokens: int, forward_cost: float, max_rows: int) -> list[range]:
+    """Cut items sorted by length (descending) into consecutive chunks that minimise
+    ``sum(forward_cost + rows * longest)``, the padded tokens a chunk computes plus a fixed cost per forward, with
+    ``rows * longest <= max_tokens`` (a longer item gets a chunk of its own) and ``rows <= max_rows``.
+    An exact dynamic programme, ``O(len(lengths) * max_rows)``."""
     n = len(lengths)
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
     for end in range(1, n + 1):
-        for start in range(max(0, end - max_rows), end):
-            cost = best[start] + forward_cost + (end - start) * lengths[start]
+        for start in range(end - 1, max(0, end - max_rows) - 1, -1):
+            rows = end - start
+            if rows > 1 and rows * lengths[start] > max_tokens:
+                break  # earlier starts are longer and hold more rows
+            cost = best[start] + forward_cost + rows * lengths[start]
             if cost < best[end]:
                 best[end], cut[end] = cost, start
     chunks, end = [], n
@@ -724,9 +729,10 @@ def loglikelihoods(
 ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` per ``(context_enc, continuation_enc)`` request.
 
-    ``batch_size``: the most contexts per prefill forward and choices per continuation forward (``share_context``),
-    or sequences per forward (``share_context=False``). Forwards are cut by ``length_chunks`` (``forward_cost``:
-    ``FORWARD_COST_TOKENS`` of the device), so that little of the computed work is padding.
+    ``batch_size`` sets the size of a forward: at most ``batch_size`` times the longest context (prefill), the longest
+    continuation (continuation pass, ``share_context``) or the longest sequence (``share_context=False``) in tokens,
+    so shorter sequences run more rows per forward (up to ``ROWS_PER_BATCH_SIZE * batch_size``). Forwards are cut by
+    ``length_chunks`` (``forward_cost``: ``FORWARD_COST_TOKENS`` of the device) so that little of the work is padding.
     Results do not depend on the order of ``requests`` or on ``batch_size`` (up to float rounding).
     """
     device = _device(model)
@@ -746,7 +752,8 @@ def loglikelihoods(
 
     if not share_context:
         order = sorted(range(len(reqs)), key=lambda i: (-(len(reqs[i][0]) + len(reqs[i][1])), reqs[i]))
-        for part in length_chunks([len(reqs[i][0]) + len(reqs[i][1]) - 1 for i in order], batch_size, forward_cost):
+        lengths = [len(reqs[i][0]) + len(reqs[i][1]) - 1 for i in order]
+        for part in length_chunks(lengths, batch_size * lengths[0], forward_cost, ROWS_PER_BATCH_SIZE * batch_size):
             chunk = [order[k] for k in part]
             ids, mask = _left_pad([(reqs[i][0] + reqs[i][1])[:-1] for i in chunk], pad_id, device)
             K = max(len(reqs[i][1]) for i in chunk)
@@ -765,8 +772,10 @@ def loglikelihoods(
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, (ctx, _) in enumerate(reqs):
         groups[ctx].append(i)
-    longest = max((len(c) + len(x) for c, x in reqs), default=0)
-    if prefix_sharing_exact(model, longest):
+    budget = {"context": batch_size * max((len(c) for c in groups), default=1),
+              "continuation": batch_size * max((len(x) - 1 for _, x in reqs), default=1), "forward_cost": forward_cost,
+              "max_rows": ROWS_PER_BATCH_SIZE * batch_size}
+    if prefix_sharing_exact(model, max((len(c) + len(x) for c, x in reqs), default=0)):
         families = prefix_families(sorted(groups), min_prefix=forward_cost)
     else:
         families = [(0, sorted(groups))]
@@ -779,18 +788,17 @@ def loglikelihoods(
             if stats is not None:
                 stats.add(out)
         contexts = sorted(family, key=lambda c: (-len(c), c))
-        for block in length_chunks([len(c) - P for c in contexts], batch_size, forward_cost):
-            _score_block(model, [contexts[k] for k in block], P, base, groups, reqs, results, batch_size,
-                         forward_cost, pad_id, stats)
+        for block in length_chunks([len(c) for c in contexts], budget["context"], forward_cost, budget["max_rows"]):
+            _score_block(model, [contexts[k] for k in block], P, base, groups, reqs, results, budget, pad_id, stats)
             pbar.update(sum(len(groups[contexts[k]]) for k in block))
     pbar.close()
     return results  # type: ignore[return-value]
 
 
-def _score_block(model, batch, P, base, groups, reqs, results, batch_size, forward_cost, pad_id, stats) -> None:
+def _score_block(model, batch, P, base, groups, reqs, results, budget, pad_id, stats) -> None:
     """Score every request whose context is in ``batch`` (contexts sharing their first ``P`` tokens, whose cache is
     ``base``; ``P = 0``: nothing shared) into ``results``: one prefill of the contexts (after ``P``), then the
-    choices' continuation tokens on rows of its cache."""
+    choices' continuation tokens on rows of its cache, in forwards cut by ``length_chunks`` within ``budget``."""
     device = _device(model)
     G = len(batch)
     ids, smask = _left_pad([c[P:] for c in batch], pad_id, device)
@@ -809,7 +817,8 @@ def _score_block(model, batch, P, base, groups, reqs, results, batch_size, forwa
     # continuation pass: the choices sorted by length and cut by length_chunks, so little of it is padding;
     # each chunk attends to its rows of the shared prefix cache
     long = sorted((gi for gi in members if len(reqs[gi[1]][1]) > 1), key=lambda gi: (-len(reqs[gi[1]][1]), gi))
-    for part in length_chunks([len(reqs[i][1]) - 1 for _, i in long], batch_size, forward_cost):
+    for part in length_chunks([len(reqs[i][1]) - 1 for _, i in long], budget["continuation"], budget["forward_cost"],
+                              budget["max_rows"]):
         chunk = [long[k] for k in part]
         index = torch.tensor([g for g, _ in chunk], device=device)
         cids, cmask = _right_pad([reqs[i][1][:-1] for _, i in chunk], pad_id, device)

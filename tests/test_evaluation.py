@@ -147,18 +147,19 @@ def test_length_chunks_is_optimal_and_bounded():
     import itertools
 
     rng = np.random.default_rng(0)
-    for _ in range(30):
+    for _ in range(40):
         lengths = sorted(rng.integers(1, 200, size=int(rng.integers(1, 9))).tolist(), reverse=True)
-        max_rows, cost = int(rng.integers(1, 5)), float(rng.integers(0, 100))
-        chunks = ev.length_chunks(lengths, max_rows, cost)
+        max_tokens, max_rows, cost = int(rng.integers(1, 600)), int(rng.integers(1, 6)), float(rng.integers(0, 100))
+        chunks = ev.length_chunks(lengths, max_tokens, cost, max_rows)
         assert [i for c in chunks for i in c] == list(range(len(lengths)))  # consecutive, nothing lost
-        assert all(1 <= len(c) <= max_rows for c in chunks)
+        ok = lambda c: len(c) <= max_rows and (len(c) == 1 or len(c) * lengths[c[0]] <= max_tokens)  # noqa: E731
+        assert all(ok(c) for c in chunks)
         total = lambda cs: sum(cost + len(c) * lengths[c[0]] for c in cs)  # noqa: E731
         brute = math.inf
         for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):  # every way to cut the sorted list
             bounds = [0] + [k + 1 for k, c in enumerate(cuts) if c] + [len(lengths)]
             cs = [range(a, b) for a, b in zip(bounds, bounds[1:])]
-            if all(len(c) <= max_rows for c in cs):
+            if all(ok(c) for c in cs):
                 brute = min(brute, total(cs))
         assert total(chunks) == pytest.approx(brute)
 
