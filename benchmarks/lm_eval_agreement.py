@@ -93,7 +93,9 @@ def export_task(name: str, limit: int | None, seed: int, shots: int, out: Path) 
             fpath = out / f"{ours}.fewshot.jsonl"
             _write_jsonl(fpath, pfew)
             fs_split = "dev" if name == "mmlu" else info.fewshot_split
-            split_files.setdefault(fs_split, str(fpath))
+            if fs_split == info.eval_split:  # the RTE fallback: lm-eval's config samples from "train"
+                fs_split = "train"
+            split_files[fs_split] = str(fpath)
         lines.append("dataset_kwargs:\n  data_files:\n" + "".join(f"    {k}: {v}\n" for k, v in split_files.items()))
         for key in ("training_split", "validation_split", "test_split"):
             want = {"training_split": "train", "validation_split": "validation", "test_split": "test"}[key]
@@ -103,6 +105,25 @@ def export_task(name: str, limit: int | None, seed: int, shots: int, out: Path) 
         (out / f"{ours}.yaml").write_text("\n".join(lines) + "\n")
         made.append((ours, pidx))
     return made
+
+
+def lm_eval_requests(name: str, limit: int | None, seed: int, shots: int, out: Path) -> list[list[tuple[str, str]]]:
+    """lm-eval's own ``(context, continuation)`` requests for the docs ``evaluate`` scores, in its doc order: the
+    task exported to ``out`` is built by lm-eval, few-shot sampling included (what ``simple_evaluate`` does)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    made = export_task(name, limit, seed, shots, out)
+    tasks = get_task_dict([m for m, _ in made], TaskManager(include_path=str(out)))
+    by_doc: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for lm_name, pidx in made:
+        task = tasks[lm_name]
+        task.set_config(key="num_fewshot", value=shots)
+        task.set_fewshot_seed(seed=seed)
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        for inst in sorted(task.instances, key=lambda x: (x.doc_id, x.idx)):
+            by_doc[pidx[inst.doc_id]].append(tuple(inst.arguments))
+    idx, _ = ev.task_docs(name, limit, seed)
+    return [by_doc[i] for i in idx]
 
 
 def run(task_names, limit, shots, seed, batch_size, model_name, share_context=True, repeats=2):

@@ -66,7 +66,7 @@ from .reporting import write_json
 
 log = logging.getLogger(__name__)
 
-HARNESS_VERSION = "1"  # bump when prompts/scoring change, to invalidate cached results
+HARNESS_VERSION = "2"  # bump when prompts/scoring change, to invalidate cached results
 PAPER_TASKS = ("boolq", "rte", "openbookqa", "piqa", "mmlu", "winogrande", "hellaswag", "arc_challenge")
 
 
@@ -107,6 +107,9 @@ class MultipleChoiceTask:
     description: doc -> text before the few-shot examples (MMLU's subject line), or None.
     fewshot_sampler: ``"default"`` (seeded random) or ``"first_n"``; ``fewshot_group``: doc -> key restricting the
         few-shot pool to docs with the same key (MMLU: subject).
+    fewshot_excludes_doc: lm-eval draws ``n + 1`` examples and drops the evaluated doc. lm-eval 0.4.13 does this
+        when a config's ``fewshot_split`` equals its ``test_split``, which includes both being unset: BoolQ,
+        HellaSwag, PIQA, RTE and WinoGrande. It changes which examples every later doc gets.
     metric: the paper's metric (``acc`` or ``acc_norm``); num_fewshot: the paper's shots.
     """
 
@@ -121,6 +124,7 @@ class MultipleChoiceTask:
     multiple_input: bool = False
     fewshot_sampler: str = "default"
     fewshot_group: Callable[[dict], str] | None = None
+    fewshot_excludes_doc: bool = False
     target_delimiter: str = " "
     fewshot_delimiter: str = "\n\n"
     output_type: str = "multiple_choice"
@@ -215,6 +219,7 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
             doc_to_target=lambda d: int(d["label"]),
             metric="acc",
             num_fewshot=0,
+            fewshot_excludes_doc=True,
         ),
         MultipleChoiceTask(
             "hellaswag",
@@ -223,6 +228,7 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
             doc_to_target=lambda d: d["gold"],
             metric="acc_norm",
             num_fewshot=10,
+            fewshot_excludes_doc=True,
             process_doc=_hellaswag_process,
         ),
         MultipleChoiceTask(
@@ -252,6 +258,7 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
             doc_to_target=lambda d: int(d["label"]),
             metric="acc_norm",
             num_fewshot=0,
+            fewshot_excludes_doc=True,
         ),
         MultipleChoiceTask(
             "rte",
@@ -260,6 +267,7 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
             doc_to_target=lambda d: int(d["label"]),
             metric="acc",
             num_fewshot=0,
+            fewshot_excludes_doc=True,
         ),
         MultipleChoiceTask(
             "winogrande",
@@ -268,6 +276,7 @@ MC_TASKS: dict[str, MultipleChoiceTask] = {
             doc_to_target=lambda d: d["sentence"][d["sentence"].index("_") + 1 :].strip(),
             metric="acc",
             num_fewshot=5,
+            fewshot_excludes_doc=True,
             multiple_input=True,
         ),
     ]
@@ -473,11 +482,10 @@ def _fewshot_sampler(task, shots: int, seed: int) -> FewshotSampler | None:
     if isinstance(task, GenerativeTask):
         return FewshotSampler(task, task.load("eval" if task.fewshot_from_eval else "fewshot"), seed,
                               task.fewshot_from_eval)
-    info = _data.TASKS[task.name]
     pool = _data.load_task(task.name, "fewshot").to_list()
     if task.process_doc:
         pool = [task.process_doc(d) for d in pool]
-    return FewshotSampler(task, pool, seed, exclude_eval_doc=info.fewshot_split == info.eval_split)
+    return FewshotSampler(task, pool, seed, exclude_eval_doc=task.fewshot_excludes_doc)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -439,6 +439,25 @@ def test_prompts_match_lm_eval_templates(name):
             assert ours.gold(doc) == int(target)
 
 
+@pytest.mark.data
+@pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
+@pytest.mark.parametrize("name", sorted(ev.MC_TASKS))
+def test_fewshot_requests_equal_lm_eval_requests(name, tmp_path):
+    """The exact strings lm-eval builds (few-shot examples drawn by its sampler, in its order) for 30 docs, at the
+    paper's shots (3 for the 0-shot tasks, 25 for ARC)."""
+    spec = importlib.util.spec_from_file_location("lm_eval_agreement", ROOT / "benchmarks" / "lm_eval_agreement.py")
+    agreement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agreement)
+    task = ev.MC_TASKS[name]
+    shots = task.num_fewshot or 3
+    theirs = agreement.lm_eval_requests(name, 30, 1234, shots, tmp_path)
+    _, docs = ev.task_docs(name, 30, 1234)
+    ours = ev.build_requests(task, docs, shots, ev._fewshot_sampler(task, shots, 1234))
+    assert len(ours) == len(theirs) == 30
+    for d, (mine, lm) in enumerate(zip(ours, theirs)):
+        assert mine == lm, f"doc {d}"
+
+
 @pytest.mark.slow
 @pytest.mark.model
 @pytest.mark.data
@@ -459,4 +478,5 @@ def test_lm_eval_agreement_identical_choices(tmp_path, shots, tasks):
     assert sorted(res["tasks"]) == sorted(tasks.split(","))
     for task, row in res["tasks"].items():
         assert row["disagreements"] == 0, (task, row)
+        assert row["max_abs_loglik_diff"] < 1e-2, (task, row)  # same requests: only float rounding differs
         assert abs(row["ours"] - row["lm_eval"]) < 1e-9
