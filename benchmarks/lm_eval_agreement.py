@@ -175,7 +175,8 @@ def run(task_names, limit, shots, seed, batch_size, model_name, share_context=Tr
                     correct.append(float(s[task.metric]))
             n = len(correct)
             row = {
-                "task": name, "shots": k, "metric": task.metric, "n": n, "lm_eval": float(np.mean(correct)), "ours": ours.score,
+                "task": name, "shots": k, "metric": task.metric, "n": n, "lm_eval": float(np.mean(correct)),
+                "ours": ours.score,
                 "disagreements": dis, "disagreements_acc_or_norm": dis_other, "max_abs_loglik_diff": max_dll,
                 "lm_eval_s": t_lm, "ours_s": t_ours, "lm_eval_ex_per_s": n / t_lm, "ours_ex_per_s": n / t_ours,
                 "speedup": t_lm / t_ours,
@@ -219,10 +220,23 @@ def main(argv=None):
     report = run(tasks, args.limit, args.num_fewshot, args.seed, args.batch_size, args.model,
                  share_context=not args.no_share_context, repeats=args.repeats)
     report["command"] = shlex.join(["python", "benchmarks/lm_eval_agreement.py", *(argv or sys.argv[1:])])
-    name = f"{args.model}_{args.num_fewshot}shot_limit{args.limit}"
-    write_json(args.out / f"{name}.json", report)
-    write_table(pd.DataFrame([*report["tasks"].values(), report["total"]]), args.out, name)
+    write_report(report, args.out, f"{args.model}_{args.num_fewshot}shot_limit{args.limit}")
     return 0
+
+
+def write_report(report: dict, out: Path, name: str) -> None:
+    """``<out>/<name>.json`` (the whole report) and ``.csv``/``.md`` (one row per task and the TOTAL)."""
+    write_json(out / f"{name}.json", report)
+    rows = pd.DataFrame([*report["tasks"].values(), report["total"]])
+    table = pd.DataFrame({
+        "task": rows.task, "shots": [f"{v:.0f}" if pd.notna(v) else "" for v in rows.shots], "n": rows.n,
+        "metric": rows.metric.fillna(""),
+        "lm-eval": rows.lm_eval, "ours": rows.ours, "choices differing": rows.disagreements,
+        "max abs loglik diff": [f"{v:.1e}" if pd.notna(v) else "" for v in rows.max_abs_loglik_diff],
+        "lm-eval s": rows.lm_eval_s, "ours s": rows.ours_s, "lm-eval ex/s": rows.lm_eval_ex_per_s,
+        "ours ex/s": rows.ours_ex_per_s, "speed-up": rows.speedup,
+    })
+    write_table(table, out, name)
 
 
 if __name__ == "__main__":

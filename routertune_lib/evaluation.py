@@ -36,7 +36,8 @@ prompt, then decode). ``share_context=False`` runs every ``context + continuatio
 sequence-level router decides on the whole sequence (what lm-eval's HFLM would do with a routed model). Token-level
 routers give the same decisions either way (a token's decision depends only on its causal hidden state).
 Routing statistics: executed/total counts of every fresh decision (``output.routing.counts()``), summed over
-forwards: sequence-level counts one per context (prefill), token-level one per real token.
+forwards: sequence-level counts one per context (prefill), token-level one per real token computed (a prefix shared
+by several contexts is computed, and counted, once).
 """
 
 from __future__ import annotations
