@@ -407,6 +407,17 @@ def _render(field, doc):
     return ast.literal_eval(out) if out[:1] in "[0123456789" else out
 
 
+AGREEMENT_SCRIPT = ROOT / "benchmarks" / "lm_eval_agreement.py"
+
+
+def agreement_script():
+    """``benchmarks/lm_eval_agreement.py`` as a module (it exports our tasks for lm-eval)."""
+    spec = importlib.util.spec_from_file_location("lm_eval_agreement", AGREEMENT_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.data
 @pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
 @pytest.mark.parametrize("name", sorted(ev.MC_TASKS))
@@ -414,10 +425,7 @@ def test_prompts_match_lm_eval_templates(name):
     """Render lm-eval's own YAML (templates, process_docs, !functions, description) on real docs."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    spec = importlib.util.spec_from_file_location("lm_eval_agreement", ROOT / "benchmarks" / "lm_eval_agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
-    _find_yaml = agreement._find_yaml
+    _find_yaml = agreement_script()._find_yaml
 
     ours = ev.MC_TASKS[name]
     ds = ev._data.load_task(name)
@@ -445,12 +453,9 @@ def test_prompts_match_lm_eval_templates(name):
 def test_fewshot_requests_equal_lm_eval_requests(name, tmp_path):
     """The exact strings lm-eval builds (few-shot examples drawn by its sampler, in its order) for 30 docs, at the
     paper's shots (3 for the 0-shot tasks, 25 for ARC)."""
-    spec = importlib.util.spec_from_file_location("lm_eval_agreement", ROOT / "benchmarks" / "lm_eval_agreement.py")
-    agreement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(agreement)
     task = ev.MC_TASKS[name]
     shots = task.num_fewshot or 3
-    theirs = agreement.lm_eval_requests(name, 30, 1234, shots, tmp_path)
+    theirs = agreement_script().lm_eval_requests(name, 30, 1234, shots, tmp_path)
     _, docs = ev.task_docs(name, 30, 1234)
     ours = ev.build_requests(task, docs, shots, ev._fewshot_sampler(task, shots, 1234))
     assert len(ours) == len(theirs) == 30
@@ -467,7 +472,7 @@ def test_lm_eval_agreement_identical_choices(tmp_path, shots, tasks):
     """benchmarks/lm_eval_agreement.py on SmolLM2: identical per-example choices on a few docs, 0-shot and at the
     paper's shots (MMLU 5, WinoGrande 5, HellaSwag 10, ARC-C 25)."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lm_eval_agreement.py"), "--tasks", tasks,
+        [sys.executable, str(AGREEMENT_SCRIPT), "--tasks", tasks,
          "--limit", "6", "--num-fewshot", shots, "--repeats", "1", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
