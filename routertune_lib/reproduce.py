@@ -19,11 +19,32 @@ log = logging.getLogger("routertune.reproduce")
 
 
 def finished(executed: Path) -> bool:
-    """True when ``executed`` is a notebook papermill ran to the end without an exception."""
+    """True when ``executed`` is a notebook papermill ran to the end without an exception.
+
+    Papermill (2.x) sets the notebook's ``papermill.end_time`` when it stops for any reason, its ``exception`` to True
+    on a failed cell (it stays None on success), and each cell's ``papermill.status`` to ``completed`` once run; an
+    interrupted run leaves the interrupted cell ``running`` and a failed one leaves later cells ``pending``. So
+    finished means: an end time, no exception, every cell completed and no error output. A file that is not a
+    readable notebook (e.g. truncated by a killed run) is unfinished, with a warning.
+    """
     if not executed.exists():
         return False
-    meta = json.loads(executed.read_text()).get("metadata", {}).get("papermill", {})
-    return meta.get("exception") is False and meta.get("end_time") is not None
+    try:
+        nb = json.loads(executed.read_text())
+        if not isinstance(nb, dict):
+            raise ValueError(f"a JSON {type(nb).__name__}, not a notebook object")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("%s is not a readable notebook (%s); it counts as unfinished and will be re-run", executed, e)
+        return False
+    meta = nb.get("metadata", {}).get("papermill", {})
+    cells = nb.get("cells", [])
+    return (
+        meta.get("end_time") is not None
+        and meta.get("exception") is not True
+        and bool(cells)
+        and all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed" for c in cells)
+        and not any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
+    )
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:
@@ -45,15 +66,24 @@ def run_notebooks(
     force: bool = False,
     out_dir: Path | None = None,
 ) -> list[Path]:
-    """Execute ``notebooks_dir/*.ipynb`` in name order with ``profile``; returns the executed copies."""
+    """Execute ``notebooks_dir/[0-9]*.ipynb`` (those named in ``only``, when given) in name order with ``profile``;
+    returns the executed copies. Raises ``ValueError`` when ``only`` is empty or names a notebook that does not
+    exist."""
     import papermill as pm
 
+    notebooks = sorted(notebooks_dir.glob("[0-9]*.ipynb"))
+    if only is not None:
+        valid = [nb.stem for nb in notebooks]
+        unknown = [name for name in only if name not in valid]
+        if not only:
+            raise ValueError(f"--only needs at least one notebook name; valid names: {valid}")
+        if unknown:
+            raise ValueError(f"--only: no notebook named {unknown} in {notebooks_dir}; valid names: {valid}")
+        notebooks = [nb for nb in notebooks if nb.stem in only]
     out_dir = out_dir or notebooks_dir / "executed" / profile
     out_dir.mkdir(parents=True, exist_ok=True)
     done = []
-    for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")):
-        if only and nb.stem not in only:
-            continue
+    for nb in notebooks:
         executed = out_dir / nb.name
         if finished(executed) and not force:
             log.info("skip %s (finished earlier: %s)", nb.name, executed)
@@ -70,11 +100,14 @@ def run_notebooks(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
-    parser.add_argument("--only", nargs="*", help="notebook names (without .ipynb) to run")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="notebook names (without .ipynb) to run")
     parser.add_argument("--force", action="store_true", help="re-run notebooks that finished earlier")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    run_notebooks(args.profile, ROOT / "notebooks", args.only, args.force)
+    try:
+        run_notebooks(args.profile, ROOT / "notebooks", args.only, args.force)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":
