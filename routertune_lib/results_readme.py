@@ -1,0 +1,535 @@
+"""The tables and quoted numbers of ``results/README.md``, generated from the result files so that they cannot drift.
+
+The README holds blocks ``<!-- table:NAME -->`` ... ``<!-- /table -->`` and inline numbers ``<!-- value:NAME -->`` ...
+``<!-- /value -->``. :func:`render` rewrites what lies between the markers with :data:`TABLES` / :data:`VALUES`
+``[NAME]`` (a table block also names the files it was read from) and leaves everything else as it is.
+
+    python -m routertune_lib.results_readme           # rewrite results/README.md
+    python -m routertune_lib.results_readme --check   # exit 1 with a diff when it differs from the files (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .reporting import write_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = re.compile(r"<!-- (table|value):([\w.-]+) -->(.*?)<!-- /\1 -->", re.S)
+
+
+class Results:
+    """Reads result files under ``root`` (the repository root) and remembers which ones were read."""
+
+    def __init__(self, root: Path):
+        self.root, self.sources = Path(root), []
+
+    def _path(self, rel: str) -> Path:
+        path = self.root / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: result file missing; re-run what writes it (see results/README.md)")
+        if rel not in self.sources:
+            self.sources.append(rel)
+        return path
+
+    def csv(self, rel: str) -> pd.DataFrame:
+        return pd.read_csv(self._path(rel))
+
+    def json(self, rel: str) -> dict:
+        return json.loads(self._path(rel).read_text())
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+
+
+def num(x, digits: int = 1, sign: bool = False) -> str:
+    """``x`` with ``digits`` decimals (``+`` for positives when ``sign``); an em dash for missing values."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def ci(diff, low, high, digits: int = 1) -> str:
+    """``+0.3 [-3.6, +4.2]``: a difference with its 95% CI."""
+    return f"{num(diff, digits, True)} [{num(low, digits, True)}, {num(high, digits, True)}]"
+
+
+def times(x, digits: int = 2) -> str:
+    return f"{num(x, digits)}x"
+
+
+def seconds(x) -> str:
+    return "—" if x is None else f"{x:,.0f} s"
+
+
+def verdict(low, high) -> str:
+    """Whether a paired difference is resolved at 95%: ``lower`` / ``higher`` when the CI excludes 0."""
+    return "lower" if high < 0 else "higher" if low > 0 else "unresolved"
+
+
+def md(rows: list[dict], right: tuple[str, ...] = ()) -> str:
+    """A Markdown table of ``rows`` (dicts of already formatted cells); ``right`` lists right-aligned columns."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c in right else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---- tables -----------------------------------------------------------------------------------------------------
+
+NOTEBOOKS = ("00_quickstart", "01_granularity", "02_speed_accuracy", "03_generation_vs_attention_drop",
+             "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora")
+BENCHMARKS = {"speed": "speed/speed_smollm2-135m_cpu.json",
+              "training cost": "training_cost/training_cost_smollm2-135m.json",
+              "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
+              "lm-eval agreement, MMLU 5-shot": "lm_eval_agreement/smollm2-135m_papershot_limit400.json",
+              "lm-eval agreement, paper shots": "lm_eval_agreement/smollm2-135m_papershot_limit30.json"}
+SPEED_SETTINGS = {"routed-real": "routed, real", "routed-masked": "routed, masked", "static-drop": "static drop"}
+METHOD_NAMES = {"routers": "Router-Tuning", "lora": "LoRA", "full": "full fine-tuning"}
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
+TASK_NAMES = {"boolq": "BoolQ", "rte": "RTE", "openbookqa": "OpenBookQA", "piqa": "PIQA", "mmlu": "MMLU",
+              "winogrande": "WinoGrande", "hellaswag": "HellaSwag", "arc_challenge": "ARC-Challenge",
+              "arc_easy": "ARC-Easy"}
+
+
+def _record(r: Results, rel: str) -> dict:
+    """A run record: ``wall_time_s`` and the provenance ``run`` (old records lack the git state)."""
+    d = r.json(rel)
+    run = d.get("run", {})
+    dirty = run.get("git_dirty")
+    return {"wall time": seconds(d.get("wall_time_s")),
+            "commit": (run.get("git_commit") or "—")[:7],
+            "uncommitted changes": "not recorded" if dirty is None else "yes" if dirty else "no",
+            "torch threads": run.get("torch_threads", "—"),
+            "CPU": run.get("cpu_model") or "not recorded"}
+
+
+def table_runs(r: Results) -> str:
+    rows = [{"run": f"`{nb}`", **_record(r, f"results/{nb}/cpu/run.json")} for nb in NOTEBOOKS]
+    rows += [{"run": f"benchmark: {name}", **_record(r, f"results/{rel}")} for name, rel in BENCHMARKS.items()]
+    return md(rows, right=("wall time", "torch threads"))
+
+
+def table_speed(r: Results) -> str:
+    df = r.csv("results/speed/speed_smollm2-135m_cpu.csv")
+    rows = [{"batch": x.batch_size, "prompt": x.prompt_len, "setting": SPEED_SETTINGS[x.setting],
+             "skipped": num(x.skipped_share, 3), "end-to-end speed-up": times(x.speedup_e2e, 3),
+             "prefill": times(x.speedup_prefill, 3), "decode": times(x.speedup_decode, 3),
+             "KV cache": num(x.kv_ratio, 3), "vs static drop": num(x.vs_static, 3)}
+            for x in df.itertuples() if x.setting != "dense"]
+    return md(rows, right=("batch", "prompt", "skipped", "end-to-end speed-up", "prefill", "decode", "KV cache",
+                           "vs static drop"))
+
+
+def table_training_cost(r: Results) -> str:
+    df = r.csv("results/training_cost/training_cost_smollm2-135m.csv")
+    record = r.json("results/training_cost/training_cost_smollm2-135m.json")
+    loss = {row["method"]: row.get("final_loss") for row in record["rows"]}
+    rows = [{"method": METHOD_NAMES[x.method], "steps": x.steps_run, "tokens/s": num(x.tokens_per_s, 0),
+             "s / step": num(x.wall_s_per_step, 1), "wall time": seconds(x.wall_s_epoch),
+             "time vs Router-Tuning": times(x.time_vs_routers), "trainable parameters":
+             f"{x.trainable:,} ({num(x.trainable_pct, 4 if x.trainable_pct < 0.1 else 1)}%)",
+             "peak RSS": f"{num(x.peak_rss_gib, 1)} GiB",
+             "final loss": "not recorded" if loss[x.method] is None else num(loss[x.method], 2)}
+            for x in df.itertuples()]
+    return md(rows, right=("steps", "tokens/s", "s / step", "wall time", "time vs Router-Tuning",
+                           "trainable parameters", "peak RSS", "final loss"))
+
+
+def _agreement_rows(r: Results, rel: str, total: str | None) -> list[dict]:
+    rows = []
+    for x in r.csv(rel).to_dict("records"):
+        if x["task"] == "TOTAL":
+            if total:
+                rows.append({"task": f"**{total}** ({seconds(x['lm-eval s'])} vs {seconds(x['ours s'])})",
+                             "shots": "", "n": f"{int(x['n']):,}", "metric (both)": "",
+                             "choices differing": int(x["choices differing"]), "max abs loglik diff": "",
+                             "lm-eval ex/s": num(x["lm-eval ex/s"], 2), "ours ex/s": num(x["ours ex/s"], 2),
+                             "speed-up": f"**{times(x['speed-up'])}**"})
+            continue
+        rows.append({"task": TASK_NAMES[x["task"]], "shots": int(x["shots"]), "n": int(x["n"]),
+                     "metric (both)": f"{x['metric']} {x['ours']:.3f}" if x["ours"] == x["lm-eval"]
+                     else f"{x['metric']} {x['lm-eval']:.3f} / {x['ours']:.3f}",
+                     "choices differing": int(x["choices differing"]),
+                     "max abs loglik diff": f"{x['max abs loglik diff']:.1e}",
+                     "lm-eval ex/s": num(x["lm-eval ex/s"], 2), "ours ex/s": num(x["ours ex/s"], 2),
+                     "speed-up": times(x["speed-up"])})
+    return rows
+
+
+def table_lm_eval_agreement(r: Results) -> str:
+    rows = (_agreement_rows(r, "results/lm_eval_agreement/smollm2-135m_0shot_limit200.csv", "all eight, 0-shot")
+            + _agreement_rows(r, "results/lm_eval_agreement/smollm2-135m_papershot_limit400.csv", None)
+            + _agreement_rows(r, "results/lm_eval_agreement/smollm2-135m_papershot_limit30.csv", None))
+    return md(rows, right=("shots", "n", "choices differing", "max abs loglik diff", "lm-eval ex/s", "ours ex/s",
+                           "speed-up"))
+
+
+def table_quickstart_accuracy(r: Results) -> str:
+    df = r.csv("results/00_quickstart/cpu/accuracy.csv")
+    rows = [{"task": f"{TASK_NAMES[x.task]} ({x.metric})", "n": x.n, "dense": num(x.dense), "routed": num(x.routed),
+             "difference [95% CI]": ci(x.diff, x.ci_low, x.ci_high), "verdict": verdict(x.ci_low, x.ci_high),
+             "same answer": f"{num(x.agreement)}%"} for x in df.itertuples()]
+    return md(rows, right=("n", "dense", "routed", "same answer"))
+
+
+def table_quickstart_generation(r: Results) -> str:
+    df = r.csv("results/00_quickstart/cpu/generation_speed.csv")
+    dense_kv = df.kv_bytes.iloc[0]
+    rows = [{"setting": x.setting, "prompt tokens": x.prompt_len, "new tokens": x.new_tokens,
+             "skipped share": num(x.skipped_share, 3), "speed-up": times(x.speedup),
+             "KV cache": num(x.kv_bytes / dense_kv, 3)} for x in df.itertuples()]
+    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "speed-up", "KV cache"))
+
+
+def _task_cols(x: dict) -> dict:
+    return {"PIQA": num(x["piqa"]), "ARC-C": num(x["arc_challenge"]), "OBQA": num(x["openbookqa"]),
+            "avg": num(x["avg"])}
+
+
+def _diff(x: dict, dense: bool) -> dict:
+    if dense:
+        return {"diff to dense [95% CI]": "", "verdict": ""}
+    return {"diff to dense [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
+            "verdict": verdict(x["ci_low"], x["ci_high"])}
+
+
+TASK_RIGHT = ("PIQA", "ARC-C", "OBQA", "avg")
+
+
+def table_table2(r: Results) -> str:
+    df = r.csv("results/01_granularity/cpu/table2.csv")
+    rows = [{"setting": x["setting"], "speed-up (paper)": f"{num(x['speedup'], 2)} ({num(x['speedup (paper)'], 2)})",
+             **_task_cols(x), **_diff(x, x["setting"] == "dense"),
+             "paper diff (same tasks)": "" if x["setting"] == "dense" else num(x["diff (paper, same tasks)"], 1, True),
+             "executed": num(x["executed"], 2), "skipped while timed": num(x["skipped share (timing)"], 3)}
+            for x in df.to_dict("records")]
+    return md(rows, right=(*TASK_RIGHT, "paper diff (same tasks)", "executed", "skipped while timed"))
+
+
+def table_speed_accuracy(r: Results) -> str:
+    df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
+    rows = []
+    for cap, g in df.groupby("capacity", sort=False):
+        by = {x["method"]: x for x in g.to_dict("records")}
+        cell = {m: num(x["avg"]) if cap == 1.0 else f"{num(x['avg'])}, {ci(x['diff'], x['ci_low'], x['ci_high'])} "
+                f"({times(x['speedup'])}; skipped {num(x['skipped share'], 2)})"
+                for m, x in ((m, by[m]) for m in ("router", "static", "random"))}
+        rows.append({"capacity": "1.0 (dense)" if cap == 1.0 else num(cap, 2), "Router-Tuning": cell["router"],
+                     "static attention drop": cell["static"], "random router": cell["random"]})
+    return md(rows, right=("capacity",))
+
+
+def table_figure2(r: Results) -> str:
+    df = r.csv("results/02_speed_accuracy/cpu/figure2_router_minus_drop.csv")
+    paper = r.csv("results/02_speed_accuracy/cpu/figure2.csv").set_index("setting")
+    rows = []
+    for x in df[df.task == "average"].to_dict("records"):
+        t = x["target"]
+        paper_diff = (paper.loc[f"{t}_router", ["arc_challenge (paper)", "openbookqa (paper)"]].mean()
+                      - paper.loc[f"{t}_layerdrop", ["arc_challenge (paper)", "openbookqa (paper)"]].mean())
+        rows.append({"target": t, "Layer Drop avg": num(x["a"]), "Router-Tuning avg": num(x["b"]),
+                     "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
+                     "verdict": verdict(x["ci_low"], x["ci_high"]),
+                     "paper, same tasks (ARC-C, OBQA)": num(paper_diff, 1, True)})
+    return md(rows, right=("Layer Drop avg", "Router-Tuning avg", "paper, same tasks (ARC-C, OBQA)"))
+
+
+def table_figure3(r: Results) -> str:
+    df = r.csv("results/03_generation_vs_attention_drop/cpu/figure3.csv")
+    names = {"dense": "dense", "router": "Router-Tuning", "attn_drop": "Attention Drop"}
+    rows = [{"setting": names[x["method"]] + ("" if x["method"] == "dense" else f", {x['target skip']:.1%}"),
+             "exact match": num(x["exact match"]), **_diff(x, x["method"] == "dense"),
+             "skipped share": num(x["skipped share (generation)"], 3), "speed-up": times(x["speed-up"]),
+             "KV cache": num(x["kv ratio"], 3), "paper": num(x["exact match (paper)"])} for x in df.to_dict("records")]
+    return md(rows, right=("exact match", "skipped share", "speed-up", "KV cache", "paper"))
+
+
+def table_figure3_router_minus_drop(r: Results) -> str:
+    df = r.csv("results/03_generation_vs_attention_drop/cpu/figure3_router_minus_drop.csv")
+    rows = [{"skipped": f"{x['target skip']:.1%}",
+             "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
+             "verdict": verdict(x["ci_low"], x["ci_high"]), "paper": num(x["diff (paper)"], 1, True)}
+            for x in df.to_dict("records")]
+    return md(rows, right=("skipped", "paper"))
+
+
+def table_table4(r: Results) -> str:
+    df = r.csv("results/04_training_cost/cpu/table4.csv")
+    rows = [{"method": x.method, "steps": x.steps_run, "s / step": num(x.wall_s_per_step, 2),
+             "time vs Router-Tuning": times(x.time_vs_routers), "tokens/s": num(x.tokens_per_s, 0),
+             "trainable parameters": f"{x.trainable:,} ({num(x.trainable_pct, 4 if x.trainable_pct < 0.1 else 2)}%)",
+             "peak RSS": f"{num(x.peak_memory_gib, 2)} GiB", "final loss": num(x.final_loss, 2)}
+            for x in df.itertuples()]
+    return md(rows, right=("steps", "s / step", "time vs Router-Tuning", "tokens/s", "trainable parameters",
+                           "peak RSS", "final loss"))
+
+
+def table_num_layers(r: Results) -> str:
+    df = r.csv("results/05_num_layers/cpu/num_layers.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "n / N": "0" if x["n"] == 0 else f"{x['n']}/{x['layers']}",
+             "avg": num(x["avg"]), **_diff(x, x["n"] == 0), "executed": num(x["executed"], 2)}
+            for x in df.to_dict("records")]
+    return md(rows, right=("avg", "executed"))
+
+
+def table_half_vs_max(r: Results) -> str:
+    df = r.csv("results/05_num_layers/cpu/half_vs_max.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "from": f"{x['n half']}/{x['layers']}", "to": f"{x['n max']}/{x['layers']}",
+             "change [95% CI]": ci(x["max − half"], x["ci_low max − half"], x["ci_high max − half"]),
+             "verdict": verdict(x["ci_low max − half"], x["ci_high max − half"])} for x in df.to_dict("records")]
+    return md(rows, right=("from", "to"))
+
+
+def table_table5(r: Results) -> str:
+    df = r.csv("results/06_across_models/cpu/table5.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "routed layers": f"{x['routed layers']} of {x['layers']}",
+             "dense": num(x["dense"]), "routed": num(x["routed"]), **_diff(x, False),
+             "executed": num(x["executed"], 2), "speed-up": times(x["speedup"]), "KV cache": num(x["kv ratio"], 2)}
+            for x in df.to_dict("records")]
+    return md(rows, right=("routed layers", "dense", "routed", "executed", "speed-up", "KV cache"))
+
+
+def table_table5_tasks(r: Results) -> str:
+    df = r.csv("results/06_across_models/cpu/table5_tasks.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "task": TASK_NAMES.get(x["task"], x["task"]),
+             "dense": num(x["a"]), "routed": num(x["b"]), "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
+             "verdict": verdict(x["ci_low"], x["ci_high"])} for x in df.to_dict("records")]
+    return md(rows, right=("dense", "routed"))
+
+
+def table_table6(r: Results) -> str:
+    df = r.csv("results/07_training_data/cpu/all_runs.csv")
+    names = {"offline-mix": "offline mix", "offline-mix:csqa": "CommonsenseQA", "offline-mix:socialiqa": "Social IQa",
+             "offline-mix:sciq": "SciQ"}
+    rows = [{"data / samples": "dense" if x["setting"] == "dense" else f"{names.get(x['source'], x['source'])} / {x['samples']}",
+             "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
+             "steps": "" if x["setting"] == "dense" else x["steps"],
+             "capacity at the end of training": "" if x["setting"] == "dense" else num(x["train capacity"], 2),
+             "executed in evaluation": num(x["executed"], 2)} for x in df.to_dict("records")]
+    return md(rows, right=("avg", "steps", "capacity at the end of training", "executed in evaluation"))
+
+
+def table_table7(r: Results) -> str:
+    df = r.csv("results/08_moe/cpu/table7.csv")
+    rows = [{"setting": x["setting"], "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
+             "skipped (evaluation)": f"{x['skipped share']:.1%}", "skipped (timing prompts)":
+             f"{x['skipped share (timing)']:.1%}", "speed-up": times(x["speedup"])} for x in df.to_dict("records")]
+    return md(rows, right=("avg", "skipped (evaluation)", "skipped (timing prompts)", "speed-up"))
+
+
+def table_moe_real_vs_masked(r: Results) -> str:
+    df = r.csv("results/08_moe/cpu/real_vs_masked.csv")
+    rows = [{"setting": x["setting"], "tokens": x["tokens"], "max abs logit diff": f"{x['max_abs_logit_diff']:.1e}",
+             "top-1 agreement": num(x["top1_agreement"], 3), "executed, real": num(x["executed_real"], 4),
+             "executed, masked": num(x["executed_masked"], 4)} for x in df.to_dict("records")]
+    return md(rows, right=("tokens", "max abs logit diff", "top-1 agreement", "executed, real", "executed, masked"))
+
+
+def table_table8(r: Results) -> str:
+    df = r.csv("results/09_lora/cpu/table8.csv")
+    names = {"dense": "dense", "router": "Router-Tuning", "lora": "LoRA", "lora_router": "LoRA + Router-Tuning"}
+    rows = [{"setting": names[x["setting"]], "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
+             "speed-up": times(x["speedup"]), "executed": num(x["executed"], 2),
+             "paper (Llama-3-8B)": f"{num(x['avg (paper, Llama-3-8B)'])} ({times(x['speedup (paper, Llama-3-8B)'])})"}
+            for x in df.to_dict("records")]
+    return md(rows, right=("avg", "speed-up", "executed", "paper (Llama-3-8B)"))
+
+
+def table_lora_router_minus_lora(r: Results) -> str:
+    df = r.csv("results/09_lora/cpu/lora_router_minus_lora.csv")
+    rows = [{"task": TASK_NAMES.get(x["task"], x["task"]), "LoRA": num(x["a"]), "LoRA + Router-Tuning": num(x["b"]),
+             "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]), "verdict": verdict(x["ci_low"], x["ci_high"])}
+            for x in df.to_dict("records")]
+    return md(rows, right=("LoRA", "LoRA + Router-Tuning"))
+
+
+TABLES = {
+    "runs": table_runs, "speed": table_speed, "training-cost": table_training_cost,
+    "lm-eval-agreement": table_lm_eval_agreement, "quickstart-accuracy": table_quickstart_accuracy,
+    "quickstart-generation": table_quickstart_generation, "table2": table_table2,
+    "speed-accuracy": table_speed_accuracy, "figure2": table_figure2, "figure3": table_figure3,
+    "figure3-router-minus-drop": table_figure3_router_minus_drop, "table4": table_table4,
+    "num-layers": table_num_layers, "half-vs-max": table_half_vs_max, "table5": table_table5,
+    "table5-tasks": table_table5_tasks, "table6": table_table6, "table7": table_table7,
+    "moe-real-vs-masked": table_moe_real_vs_masked, "table8": table_table8,
+    "lora-router-minus-lora": table_lora_router_minus_lora,
+}
+
+# ---- inline numbers ---------------------------------------------------------------------------------------------
+
+
+def _steps(records: dict, keys=None) -> str:
+    """The optimizer steps of the tuning records (``run.json["tuning"]``), e.g. ``15`` or ``15-16``."""
+    steps = sorted({v["steps"] for k, v in records.items() if keys is None or k in keys})
+    return str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+
+
+def _cell(r: Results, rel: str, col: str, **where) -> float:
+    """``col`` of the single row of ``rel`` whose columns equal ``where``."""
+    df = r.csv(rel)
+    for k, v in where.items():
+        df = df[df[k] == v]
+    if len(df) != 1:
+        raise ValueError(f"{rel}: {len(df)} rows match {where}, expected 1")
+    return float(df[col].iloc[0])
+
+
+def _same_router_speedups(r: Results) -> str:
+    """End-to-end speed-ups of the SmolLM2 attention/sequence router on 15 layers at capacity 0.5, per notebook."""
+    speedups = [(_cell(r, "results/01_granularity/cpu/table2.csv", "speedup", setting="attn_sequence"), "01"),
+                (_cell(r, "results/02_speed_accuracy/cpu/speed_accuracy.csv", "speedup", method="router",
+                       capacity=0.5), "02"),
+                (_cell(r, "results/06_across_models/cpu/table5.csv", "speedup", model="smollm2-135m"), "06"),
+                (_cell(r, "results/09_lora/cpu/table8.csv", "speedup", setting="router"), "09")]
+    return ", ".join(f"{times(x)} in {nb}" for x, nb in speedups)
+
+
+def _train_log(r: Results) -> pd.DataFrame:
+    return r.csv("results/00_quickstart/cpu/router-tuning/train_log.csv")
+
+
+def _full_capacity_routers(r: Results) -> str:
+    """The single-source routers of 07 that ended training executing (almost) everything."""
+    rows = r.csv("results/07_training_data/cpu/all_runs.csv").to_dict("records")
+    return ", ".join(f"{x['source'].split(':')[-1]} ({num(x['train capacity'], 3)})" for x in rows
+                     if x["setting"] != "dense" and x["train capacity"] >= 0.99) or "none"
+
+
+def _lm_eval_total(r: Results) -> str:
+    total = r.csv("results/lm_eval_agreement/smollm2-135m_0shot_limit200.csv").query("task == 'TOTAL'").iloc[0]
+    return f"{seconds(total['lm-eval s'])} for lm-eval and {seconds(total['ours s'])} for this harness"
+
+
+def _training_cost_capacity(r: Results) -> str:
+    row = next(x for x in r.json("results/training_cost/training_cost_smollm2-135m.json")["rows"]
+               if x["method"] == "routers")
+    return (f"{num(row['capacity_trained'], 3)} in the last training step; after calibration "
+            f"{num(row['capacity_calibrated'], 3)} on the calibration conversations and "
+            f"{num(row['capacity_held_out'], 3)} on another held-out set")
+
+
+def _dense_prefill(r: Results) -> str:
+    """Dense prefill tokens/s of the speed benchmark at batch 8 / 512 against batch 1 / 512."""
+    rel = "results/speed/speed_smollm2-135m_cpu.csv"
+    b8, b1 = (_cell(r, rel, "prefill_tok_s", setting="dense", batch_size=b, prompt_len=512) for b in (8, 1))
+    return f"{num(b8, 0)} tokens/s at batch 8 / 512 against {num(b1, 0)} at batch 1 / 512"
+
+
+def _sweep_against_paper(r: Results) -> str:
+    """The capacities of 02 where a baseline's average is above the trained router's (the paper has it below)."""
+    df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
+    names = {"static": "static drop", "random": "the random router"}
+    found = []
+    for base, name in names.items():
+        caps = [num(c, 2) for c, g in df[df.capacity < 1].groupby("capacity", sort=False)
+                if g.set_index("method").avg[base] > g.set_index("method").avg["router"]]
+        if caps:
+            found.append(f"{name} at capacity {' and '.join(caps)}")
+    return "; ".join(found) or "nowhere"
+
+
+def _figure4(r: Results) -> str:
+    """Per-layer skip ratios of 02's attention router at one global threshold (capacity 0.5) and of Layer Drop."""
+    df = r.csv("results/02_speed_accuracy/cpu/figure4_skip_ratio.csv")
+    skip, drop = df["router (global threshold, capacity 0.5)"], df["layer drop"]
+    return (f"{num(100 * skip.min(), 0)}%-{num(100 * skip.max(), 0)}% per layer (mean {num(100 * skip.mean(), 0)}%; "
+            f"{int((skip > 0).sum())} of {len(df)} layers skip some sequences, {int((skip < 1).sum())} run for some, "
+            f"{int(((skip == 0) | (skip == 1)).sum())} are always on or always off); Layer Drop removes "
+            f"{int((drop == 1).sum())} of {len(df)} routed layers entirely")
+
+
+def _figure3_layers(r: Results) -> str:
+    """The layers 03's router always skips at 12.5% skipping, and those the attention drop removes."""
+    routing = r.json("results/03_generation_vs_attention_drop/cpu/run.json")["eval_routing"]
+    always = [k for k, v in routing["router_0.125"]["layers"].items() if v == 0]
+    return (f"the router always skips layers {', '.join(always)}; the importance-based drop removes "
+            f"{', '.join(routing['attn_drop_0.125']['layers'])}")
+
+
+def _moe_max_load(r: Results) -> str:
+    df = r.csv("results/08_moe/cpu/figure8_max_load_per_layer.csv")
+    return (f"from {num(df['max load, gate (dense)'].max())}x to "
+            f"{num(df['max load, Router-Tuning executed'].max())}x the mean")
+
+
+def _ci_row(r: Results, rel: str, **where) -> str:
+    return ci(*(_cell(r, rel, c, **where) for c in ("diff", "ci_low", "ci_high")))
+
+
+VALUES = {
+    "granularity-steps": lambda r: _steps(r.json("results/01_granularity/cpu/run.json")["tuning"]),
+    "smollm2-router-steps": lambda r: _steps(r.json("results/06_across_models/cpu/run.json")["tuning"],
+                                             ["smollm2-135m"]),
+    "figure3-router-steps": lambda r: str(r.json("results/03_generation_vs_attention_drop/cpu/run.json")
+                                          ["router_record"]["steps"]),
+    "quickstart-steps": lambda r: str(int(_train_log(r).step.max())),
+    "quickstart-tuning-s": lambda r: seconds(_train_log(r).elapsed_s.iloc[-1]),
+    "quickstart-skipped-timing": lambda r: "{:.1%}".format(_cell(
+        r, "results/00_quickstart/cpu/generation_speed.csv", "skipped_share", setting="routed (real)")),
+    "training-cost-capacity": _training_cost_capacity,
+    "lm-eval-total": _lm_eval_total,
+    "same-router-speedups": _same_router_speedups,
+    "table6-full-capacity": _full_capacity_routers,
+    "lora-steps": lambda r: _steps(r.json("results/09_lora/cpu/run.json")["tuning"]),
+    "speed-dense-prefill": _dense_prefill,
+    "sweep-against-paper": _sweep_against_paper,
+    "figure4": _figure4,
+    "figure3-layers": _figure3_layers,
+    "moe-max-load": _moe_max_load,
+    "lora-router-minus-lora": lambda r: _ci_row(r, "results/09_lora/cpu/lora_router_minus_lora.csv", task="average"),
+}
+
+
+# ---- rendering --------------------------------------------------------------------------------------------------
+
+
+def _generate(kind: str, name: str, root: Path) -> str:
+    registry = TABLES if kind == "table" else VALUES
+    if name not in registry:
+        raise ValueError(f"results README: unknown {kind} marker {name!r}; known {kind}s: {sorted(registry)}")
+    r = Results(root)
+    text = registry[name](r)
+    if kind == "value":
+        return text
+    return "\nSource: " + ", ".join(f"`{s}`" for s in r.sources) + ".\n\n" + text + "\n\n"
+
+
+def render(text: str, root: Path = ROOT) -> str:
+    """``text`` with every marked block / value regenerated from the result files under ``root``."""
+    opened = len(re.findall(r"<!-- (?:table|value):", text))
+    if opened != len(MARKER.findall(text)):
+        raise ValueError("results README: a <!-- table:NAME --> or <!-- value:NAME --> marker has no matching "
+                         "<!-- /table --> / <!-- /value --> (or they are nested); fix the markers")
+    return MARKER.sub(lambda m: f"<!-- {m[1]}:{m[2]} -->{_generate(m[1], m[2], root)}<!-- /{m[1]} -->", text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--readme", type=Path, default=ROOT / "results" / "README.md")
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 with a diff if the README is stale")
+    args = p.parse_args(argv)
+    old = args.readme.read_text()
+    new = render(old, args.readme.resolve().parent.parent)
+    if args.check:
+        if old != new:
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True), str(args.readme),
+                                                       "generated from the result files"))
+            print(f"\n{args.readme} differs from its result files; run python -m routertune_lib.results_readme")
+            return 1
+        return 0
+    if old != new:
+        write_atomic(args.readme, new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
