@@ -131,7 +131,8 @@ def router_score_distributions(model, data, tokenizer=None, batch_size: int = 8,
     return score_distributions(router_inputs(model, data, tokenizer, batch_size, max_length))
 
 
-def decompose(means: torch.Tensor, weight: torch.Tensor, centroid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def decompose(means: torch.Tensor, weight: torch.Tensor,
+              centroid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Split the logits ``means @ weight`` (``[N, d] @ [d]``) along ``u = centroid / |centroid|``.
 
     centroid: ``[d]``, default ``means.mean(0)``. Returns ``w_par``, ``w_perp`` ``[d]`` (``w_par + w_perp ==

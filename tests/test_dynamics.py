@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from routertune_lib.dynamics import (LayerInputs, calibrate_per_layer_one_forward, capacity_jumps, capacity_trajectory, decompose, document_kl,
-                                     fidelity_table, paired_difference, replace_orthogonal_part, router_inputs,
-                                     router_score_distributions, weight_geometry)
+from routertune_lib.dynamics import (LayerInputs, calibrate_per_layer_one_forward, capacity_jumps,
+                                     capacity_trajectory, decompose, document_kl, fidelity_table, paired_difference,
+                                     replace_orthogonal_part, router_inputs, router_score_distributions,
+                                     weight_geometry)
 from routertune_lib.evaluation import mean_kl
 from routertune_lib.experiments import randomize_routers
 from routertune_lib.routing import RouterConfig, attach_routers, routed_layers, set_thresholds
