@@ -79,6 +79,7 @@ class SpeedRow:
     flop_fraction_decode: float = math.nan
     repeats: int = 0
     threads: int = 0
+    round_generate_s: tuple[float, ...] = ()  # wall generate_s of each timed round, for paired ratios between settings
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -266,5 +267,6 @@ def compare_settings(
             decode_cpu_s=med["decode_cpu"], generate_cpu_s=med["generate_cpu"], **ratios, ci_coverage=coverage,
             flop_fraction=flops[name]["flop_fraction"], flop_fraction_prefill=flops[name]["flop_fraction_prefill"],
             flop_fraction_decode=flops[name]["flop_fraction_decode"], repeats=repeats, threads=threads,
+            round_generate_s=tuple(x["generate"] for x in results),
         ))
     return rows

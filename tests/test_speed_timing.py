@@ -4,6 +4,7 @@ No test asserts on a measured time: synthetic times go through a stub of ``_run_
 check only deterministic outputs.
 """
 
+import json
 import statistics
 
 import pytest
@@ -89,3 +90,30 @@ def test_real_tiny_settings_report_flops_kv_and_skipping():
     assert s.kv_bytes == rows["dense"].kv_bytes * 4 // 6  # 2 of 6 layers write no K/V
     assert s.skipped_share == pytest.approx(2 / 6)
     assert all(r.repeats == 1 and r.ci_coverage == 0.0 for r in rows.values())
+
+
+def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:  # one thread: on a busy machine each op of a multi-threaded tiny model waits for a scheduler slot
+        table = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    dense_names = {"dense", *(f"{t}_{lv}{m}" for t in bench.TARGETS for lv in bench.LEVELS for m in ("", " masked")),
+                   *(f"{t} static drop" for t in bench.TARGETS)}
+    assert set(table[table.model == "smollm2-135m"].setting) == dense_names
+    assert set(table[table.model == bench.MOE].setting) == {"dense", "experts_token", "experts_token masked",
+                                                            "expert drop"}
+    real = table[table.setting.isin([f"{t}_{lv}" for t in bench.TARGETS for lv in bench.LEVELS])]
+    assert (real.skipped_share > 0).all() and (real.flop_fraction < 1).all()
+    assert (table[table.setting.str.endswith("masked")].flop_fraction == 1.0).all()
+    assert table[table.setting == "attn_sequence"].vs_static.notna().all()
+    for suffix in (".csv", ".md", ".json", "_summary.md"):
+        assert (tmp_path / f"speed_smoke_cpu{suffix}").is_file()
+    assert json.loads((tmp_path / "run.json").read_text())["torch_threads"] == 1
