@@ -110,7 +110,7 @@ def dense_settings(model, pool: torch.Tensor, args) -> dict:
                 settings[f"{target}_{level} masked"] = (routed, "masked")
     if args.static:
         layers = layers or RouterConfig(num_layers=n).resolve_layers(model.config.num_hidden_layers)
-        importance = module_importance(model, [{"input_ids": pool}])
+        importance = module_importance(model, [{"input_ids": ids} for ids in pool.split(1)])  # [1, T, vocab] logits
         drop = round(len(layers) * (1 - args.capacity))
         for target in args.targets:
             dropped = least_important(importance[target], drop, candidates=layers)
@@ -121,7 +121,7 @@ def dense_settings(model, pool: torch.Tensor, args) -> dict:
 
 def moe_settings(model, pool: torch.Tensor, args) -> dict:
     """``{name: (model, mode)}``: dense MoE, random expert routers (real, masked), Expert Drop of the same share."""
-    batches = [{"input_ids": pool}]
+    batches = [{"input_ids": ids} for ids in pool.split(1)]
     routed = attach_routers(shared_copy(model), expert_router_config(model, capacity=args.moe_capacity))
     randomize_routers(routed, args.seed)
     calibrate_thresholds(routed, batches, capacity=args.moe_capacity, per_layer=True)
