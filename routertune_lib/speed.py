@@ -33,8 +33,8 @@ PHASES = ("prefill", "decode", "generate")
 class SpeedRow:
     """One setting on one workload: times in seconds, summed over the prompt pool, median over rounds.
 
-    prefill: the first forward of ``generate`` (the prompt; scores the last position only); decode: the other
-    ``new_tokens - 1`` forwards; generate: both. ``*_cpu_s``: process CPU time of the same phases (all threads).
+    prefill: from the ``generate`` call to the end of its first forward (the prompt; scores the last position only);
+    decode: the other ``new_tokens - 1`` forwards; generate: both. ``*_cpu_s``: process CPU time of the same phases (all threads).
     speedup*: median over rounds of baseline time / this setting's time in the same round (wall: ``speedup``,
     CPU: ``cpu_speedup``; e2e, ``_prefill``, ``_decode``), with ``_ci_low`` / ``_ci_high`` from :func:`median_ci`
     at coverage ``ci_coverage`` over ``repeats`` rounds. flop_fraction*: executed / dense FLOPs of the same
@@ -159,8 +159,8 @@ def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, flops=
     def prefill_done(module, args, kwargs, output):
         if "prefill" not in marks:
             marks["prefill"] = _now(device)
-            marks["cache"], marks["trace"] = getattr(output, "cache", None), getattr(output, "routing", None)
-            marks["kv"] = kv_cache_bytes(marks["cache"]) if marks["cache"] is not None else 0
+            cache, marks["trace"] = getattr(output, "cache", None), getattr(output, "routing", None)
+            marks["kv"] = kv_cache_bytes(cache) if cache is not None else 0
             if flops is not None:
                 marks["flops"] = (flops.executed, flops.dense)
 
