@@ -1,12 +1,20 @@
-"""Wall-clock speed and KV-cache memory of dense, routed (real / masked) and static-drop models, side by side.
+"""Wall-clock and CPU-time speed, KV-cache memory and executed FLOPs of dense, routed (real / masked) and static-drop
+models, side by side, with confidence intervals.
 
-Every setting runs the same prompts with the same generation length; settings are interleaved within each repeat
-(so drifting machine load hits all of them alike) and the median over repeats is reported.
+Method (``compare_settings``): every setting is built before timing; one warm-up round runs each setting once
+(untimed; it also counts the executed FLOPs through the routing traces); then ``repeats`` rounds run every setting
+once each, in the same order (A B C A B C ...), so that drifting machine load hits all settings alike. Each setting
+reports its median over rounds; each speed-up is the median over rounds of the ratio to the baseline in the same
+round, with a distribution-free confidence interval for that median from the order statistics of the per-round ratios
+(:func:`median_ci`; with 5 rounds it is [min, max], coverage 93.75%). Process CPU time (``time.process_time``, all
+threads) is reported beside wall time: it is less sensitive to other jobs, and when the two disagree the machine was
+busy. Generation length is fixed (``min_new_tokens = max_new_tokens``), so EOS cannot cut a setting short.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -15,12 +23,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .flops import record_flops
 from .routing import routing_mode
+
+PHASES = ("prefill", "decode", "generate")
 
 
 @dataclass
 class SpeedRow:
-    """One setting on one workload. Times in seconds (median over repeats), summed over the prompt pool."""
+    """One setting on one workload: times in seconds, summed over the prompt pool, median over rounds.
+
+    prefill: from the ``generate`` call to the end of its first forward (the prompt; scores the last position only);
+    decode: the other ``new_tokens - 1`` forwards; generate: both. ``*_cpu_s``: process CPU time of the same phases (all threads).
+    speedup*: median over rounds of baseline time / this setting's time in the same round (wall: ``speedup``,
+    CPU: ``cpu_speedup``; e2e, ``_prefill``, ``_decode``), with ``_ci_low`` / ``_ci_high`` from :func:`median_ci`
+    at coverage ``ci_coverage`` over ``repeats`` rounds. flop_fraction*: executed / dense FLOPs of the same
+    generation (``routertune_lib.flops``), deterministic.
+    """
 
     setting: str
     batch_size: int
@@ -29,9 +48,38 @@ class SpeedRow:
     prefill_s: float
     generate_s: float
     prefill_tok_s: float  # prompt tokens / prefill_s
-    decode_tok_s: float  # generated tokens / (generate_s - prefill_s)
+    decode_tok_s: float  # tokens made by decode forwards / decode_s
     kv_bytes: int  # KV-cache bytes after prefill, summed over the pool's batches
-    skipped_share: float  # skipped (layer, input) executions of the gated modules / all layers' (0.0 for dense)
+    skipped_share: float  # skipped (layer, input) executions of the gated modules at prefill / all layers' (dense: 0)
+    decode_s: float = math.nan
+    prefill_cpu_s: float = math.nan
+    decode_cpu_s: float = math.nan
+    generate_cpu_s: float = math.nan
+    speedup: float = math.nan
+    speedup_ci_low: float = math.nan
+    speedup_ci_high: float = math.nan
+    speedup_prefill: float = math.nan
+    speedup_prefill_ci_low: float = math.nan
+    speedup_prefill_ci_high: float = math.nan
+    speedup_decode: float = math.nan
+    speedup_decode_ci_low: float = math.nan
+    speedup_decode_ci_high: float = math.nan
+    cpu_speedup: float = math.nan
+    cpu_speedup_ci_low: float = math.nan
+    cpu_speedup_ci_high: float = math.nan
+    cpu_speedup_prefill: float = math.nan
+    cpu_speedup_prefill_ci_low: float = math.nan
+    cpu_speedup_prefill_ci_high: float = math.nan
+    cpu_speedup_decode: float = math.nan
+    cpu_speedup_decode_ci_low: float = math.nan
+    cpu_speedup_decode_ci_high: float = math.nan
+    ci_coverage: float = math.nan
+    flop_fraction: float = math.nan
+    flop_fraction_prefill: float = math.nan
+    flop_fraction_decode: float = math.nan
+    repeats: int = 0
+    threads: int = 0
+    round_generate_s: tuple[float, ...] = ()  # wall generate_s of each timed round, for paired ratios between settings
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,46 +116,101 @@ def kv_cache_bytes(cache) -> int:
     )
 
 
+def median_ci(values, level: float = 0.95) -> tuple[float, float, float, float]:
+    """``(median, low, high, coverage)`` of ``values`` (e.g. per-round speed-ups): a distribution-free confidence
+    interval for the median from order statistics, ``[x_(k), x_(n+1-k)]`` with the largest ``k`` whose coverage
+    ``1 - 2 P(Binomial(n, 1/2) < k)`` is at least ``level``; below 6 values no ``k`` reaches 95% and the interval is
+    ``[min, max]`` with coverage ``1 - 2^(1-n)`` (93.75% for 5 rounds). Assumes independent rounds."""
+    x = sorted(float(v) for v in values)
+    n = len(x)
+    if n == 0:
+        raise ValueError("median_ci needs at least one value")
+
+    def coverage(k):  # of [x_(k), x_(n+1-k)], 1-based k
+        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return statistics.median(x), x[k - 1], x[n - k], coverage(k)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _now(device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds after the device finished its queued work."""
+    _sync(device)
+    return time.perf_counter(), time.process_time()
+
+
 @torch.no_grad()
-def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_tokens: int) -> dict:
-    """Prefill and full generation of every batch of ``prompts``; returns summed times, KV bytes, routing counts."""
+def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, flops=None) -> dict:
+    """One greedy ``generate`` of exactly ``new_tokens`` tokens, timed per phase (the first forward is the prefill).
+
+    Returns wall and CPU seconds per phase, the KV bytes after prefill, the prefill's routing counts and, when a
+    ``record_flops`` counter is given, its (executed, dense) FLOPs after the prefill.
+    """
+    device = ids.device
+    marks: dict = {}
+
+    def prefill_done(module, args, kwargs, output):
+        if "prefill" not in marks:
+            marks["prefill"] = _now(device)
+            cache, marks["trace"] = getattr(output, "cache", None), getattr(output, "routing", None)
+            marks["kv"] = kv_cache_bytes(cache) if cache is not None else 0
+            if flops is not None:
+                marks["flops"] = (flops.executed, flops.dense)
+
+    handle = model.register_forward_hook(prefill_done, with_kwargs=True)  # after routing's and record_flops' hooks
+    try:
+        start = _now(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=model.config.pad_token_id or 0)
+        end = _now(device)
+    finally:
+        handle.remove()
+    if out.shape[1] - ids.shape[1] != new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens instead of {new_tokens}")
+    mid = marks["prefill"]
+    result = {"prefill": mid[0] - start[0], "decode": end[0] - mid[0], "generate": end[0] - start[0],
+              "prefill_cpu": mid[1] - start[1], "decode_cpu": end[1] - mid[1], "generate_cpu": end[1] - start[1],
+              "kv": marks["kv"], "counts": marks["trace"].counts() if marks["trace"] is not None else {}}
+    if flops is not None:
+        result["flops_prefill"] = marks["flops"]
+    return result
+
+
+def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_tokens: int,
+              count_flops: bool = False) -> dict:
+    """Generation for every batch of ``prompts``; returns summed phase times, KV bytes, skipped share and, with
+    ``count_flops``, the executed FLOP fractions (``flop_fraction``, ``_prefill``, ``_decode``)."""
     device = next(model.parameters()).device
-    prefill = generate = 0.0
-    kv = gated_layers = 0
-    executed = total = 0.0
-    for start in range(0, prompts.shape[0], batch_size):
-        ids = prompts[start : start + batch_size].to(device)
-        mask = torch.ones_like(ids)
-        _sync(device)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-        _sync(device)
-        prefill += time.perf_counter() - t0
-        kv += kv_cache_bytes(out.cache)
-        counts = out.routing.counts() if hasattr(out, "routing") else {}  # {layer: (executed, total)}, routed only
-        executed += sum(e for e, _ in counts.values())
-        total += sum(n for _, n in counts.values())
-        gated_layers = len(counts)
-        del out
-        t0 = time.perf_counter()
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id or 0,
-        )
-        _sync(device)
-        generate += time.perf_counter() - t0
-    # inputs one layer sees = total / gated_layers; share of all layers' executions that were skipped:
-    skipped = (total - executed) * gated_layers / (model.config.num_hidden_layers * total) if total else 0.0
-    return {"prefill": prefill, "generate": generate, "kv": kv, "skipped": skipped}
+    total: dict[str, float] = {}
+    executed = inputs = 0.0
+    gated_layers = 0
+    prefill = [0.0, 0.0]  # executed, dense FLOPs of the prefills
+    with record_flops(model) if count_flops else contextlib.nullcontext() as counter:
+        for start in range(0, prompts.shape[0], batch_size):
+            before = (counter.executed, counter.dense) if counter is not None else None
+            r = _timed_generate(model, prompts[start : start + batch_size].to(device), new_tokens, counter)
+            for key in ("kv", *PHASES, *(f"{p}_cpu" for p in PHASES)):
+                total[key] = total.get(key, 0.0) + r[key]
+            executed += sum(e for e, _ in r["counts"].values())
+            inputs += sum(n for _, n in r["counts"].values())
+            gated_layers = len(r["counts"])
+            if counter is not None:
+                prefill = [prefill[i] + r["flops_prefill"][i] - before[i] for i in range(2)]
+    if counter is not None:
+        total["flop_fraction"] = counter.fraction()
+        total["flop_fraction_prefill"] = prefill[0] / prefill[1]
+        total["flop_fraction_decode"] = (counter.executed - prefill[0]) / (counter.dense - prefill[1])
+    # inputs one layer sees = inputs / gated_layers; share of all layers' executions that were skipped:
+    total["skipped"] = (inputs - executed) * gated_layers / (model.config.num_hidden_layers * inputs) if inputs else 0.0
+    return total
 
 
 def compare_settings(
@@ -115,37 +218,55 @@ def compare_settings(
     prompts: torch.Tensor,
     batch_size: int,
     new_tokens: int,
-    repeats: int = 3,
+    repeats: int = 5,
     warmup: int = 1,
+    baseline: str | None = None,
 ) -> list[SpeedRow]:
     """Time each setting ``name -> (model, routing mode or None)`` on ``prompts`` ``[P, T]`` in batches.
 
-    Warm-up runs are discarded; then ``repeats`` rounds run every setting once each, in the same order.
+    Runs ``warmup`` untimed rounds (the first counts FLOPs), then ``repeats`` interleaved timed rounds (module
+    docstring). Speed-ups are relative to ``baseline`` (default: the first setting), round by round.
+    Raises ``ValueError`` for fewer than 1 repeat / warm-up, fewer than 2 new tokens or an unknown baseline.
     """
+    baseline = next(iter(settings)) if baseline is None else baseline
+    if baseline not in settings:
+        raise ValueError(f"compare_settings: baseline {baseline!r} is not a setting; settings: {list(settings)}")
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"compare_settings needs repeats >= 1 and warmup >= 1 (the warm-up counts FLOPs), got "
+                         f"repeats={repeats}, warmup={warmup}")
+    if new_tokens < 2:
+        raise ValueError(f"compare_settings needs new_tokens >= 2 (one prefill and at least one decode step), got "
+                         f"{new_tokens}")
     runs: dict[str, list[dict]] = {name: [] for name in settings}
+    flops: dict[str, dict] = {}
     for r in tqdm(range(warmup + repeats), desc=f"B={batch_size} T={prompts.shape[1]}", leave=False):
         for name, (model, mode) in settings.items():
             with routing_mode(model, mode) if mode else contextlib.nullcontext():
-                result = _run_pool(model, prompts, batch_size, new_tokens)
+                result = _run_pool(model, prompts, batch_size, new_tokens, count_flops=r == 0)
+            if r == 0:
+                flops[name] = result
             if r >= warmup:
                 runs[name].append(result)
-    rows = []
     P, T = prompts.shape
+    threads = torch.get_num_threads()
+    rows = []
     for name, results in runs.items():
-        prefill = statistics.median(x["prefill"] for x in results)
-        generate = statistics.median(x["generate"] for x in results)
-        rows.append(
-            SpeedRow(
-                setting=name,
-                batch_size=batch_size,
-                prompt_len=T,
-                new_tokens=new_tokens,
-                prefill_s=prefill,
-                generate_s=generate,
-                prefill_tok_s=P * T / prefill,
-                decode_tok_s=P * new_tokens / max(generate - prefill, 1e-9),
-                kv_bytes=results[0]["kv"],
-                skipped_share=results[0]["skipped"],
-            )
-        )
+        med = {key: statistics.median(x[key] for x in results) for key in results[0] if key != "kv"}
+        ratios = {}
+        for prefix, unit in (("speedup", ""), ("cpu_speedup", "_cpu")):
+            for phase, suffix in (("generate", ""), ("prefill", "_prefill"), ("decode", "_decode")):
+                per_round = [b[phase + unit] / x[phase + unit] for b, x in zip(runs[baseline], results)]
+                point, low, high, coverage = median_ci(per_round)
+                col = prefix + suffix
+                ratios.update({col: point, f"{col}_ci_low": low, f"{col}_ci_high": high})
+        rows.append(SpeedRow(
+            setting=name, batch_size=batch_size, prompt_len=T, new_tokens=new_tokens,
+            prefill_s=med["prefill"], generate_s=med["generate"], prefill_tok_s=P * T / med["prefill"],
+            decode_tok_s=P * (new_tokens - 1) / med["decode"], kv_bytes=int(results[0]["kv"]),
+            skipped_share=results[0]["skipped"], decode_s=med["decode"], prefill_cpu_s=med["prefill_cpu"],
+            decode_cpu_s=med["decode_cpu"], generate_cpu_s=med["generate_cpu"], **ratios, ci_coverage=coverage,
+            flop_fraction=flops[name]["flop_fraction"], flop_fraction_prefill=flops[name]["flop_fraction_prefill"],
+            flop_fraction_decode=flops[name]["flop_fraction_decode"], repeats=repeats, threads=threads,
+            round_generate_s=tuple(x["generate"] for x in results),
+        ))
     return rows
