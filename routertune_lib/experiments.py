@@ -139,7 +139,9 @@ def tuned_routers(
 
     model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
     model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained
-        in place and its routers (and LoRA layers) are removed afterwards, so it is returned to the caller dense.
+        in place and its routers (and LoRA layers, peft ``unload``) are removed afterwards, so it is returned to the
+        caller dense. Should training raise, the routers are removed but LoRA layers peft injected may remain: load the
+        model again before using it.
     A file lock serialises concurrent calls with the same key (e.g. two notebooks), so training happens once.
     """
     if model is None:
@@ -159,6 +161,7 @@ def tuned_routers(
             return path
         data = load_instruction_data(data_source, limit=num_samples, seed=seed)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest}.work-"))
+        result = None
         try:
             result = train_routers(model, tokenizer, data, router_config,
                                    replace(train_config, output_dir=str(work)))
@@ -176,7 +179,8 @@ def tuned_routers(
             tmp.replace(path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            _remove_lora_layers(model)
+            if result is not None:
+                _unload_lora(result.model)
             if getattr(model, "routertune", None) is not None:
                 detach_routers(model)
     log.info("tuned_routers: trained %s in %.1f s", path, record["wall_time_s"])
@@ -187,17 +191,14 @@ def _adapter_dir(router_path: Path) -> Path:
     return router_path.with_suffix(".adapter")
 
 
-def _remove_lora_layers(model) -> None:
-    """Undo peft's in-place adapter injection (``get_peft_model``) without merging: each adapter layer is replaced by
-    its base layer, so ``model`` computes what it did before."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def _unload_lora(trained) -> None:
+    """Undo ``train_routers``' LoRA injection without merging (peft ``PeftModel.unload``): the wrapped model gets its
+    base layers back, so it computes what it did before. ``trained`` is ``TrainResult.model``; a model trained
+    without LoRA is left as is."""
+    from peft import PeftModel
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
+    if isinstance(trained, PeftModel):
+        trained.unload()  # also removes the peft_config peft copied onto the model
 
 
 def tuned_adapter(path: str | Path) -> Path | None:
