@@ -24,7 +24,8 @@ def baseline(ax, y: float = 0.0, label: str = "dense baseline", **kwargs) -> Non
     ax.axhline(y, **{"color": "black", "lw": 1, "ls": "--", "label": label, **kwargs})
 
 
-def diff_bars(ax, labels, ours, ours_label: str, paper: dict | None = None, ylabel: str = "avg accuracy − dense (points)"):
+def diff_bars(ax, labels, ours, ours_label: str, paper: dict | None = None,
+              ylabel: str = "avg accuracy − dense (points)"):
     """Grouped bars per setting: ``ours`` (``diff`` with its ``ci_low``/``ci_high`` CI; one row per label) first, then
     one gray bar series per ``paper`` entry (``{legend label: values per label}``), and the dense baseline at 0."""
     paper = paper or {}

@@ -11,7 +11,7 @@ from ..experiments import accuracy_table, comparison_frame, load_base_model, ove
 from ..paper import PAPER_MODELS, PAPER_TABLE5
 from ..plots import baseline, ci_yerr, save_figure
 from ..speed import text_prompt_pool
-from .protocol import CAPACITY, Study, evaluate_setting, mindskip_config, shots_label, tuned_run
+from .protocol import CAPACITY, Study, evaluate_setting, mindskip_config, resolved, shots_label, tuned_run
 
 NAME = "06_across_models"
 SETTINGS = {  # models, evaluation and timing sizes; tuning budget from experiments.PROFILES (shared by notebooks)
@@ -78,7 +78,8 @@ def run(profile: str) -> Study:
 
 
 def plot(study: Study):
-    """Left: routed − dense accuracy per model (ours with CI, the paper's); right: speed-up and KV ratio; table5.png."""
+    """Left: routed − dense accuracy per model (ours with CI, the paper's); right: speed-up and KV ratio.
+    Saves table5.png."""
     table, paper_table = study.tables["table5"], study.tables["table5_paper"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     x_ours, x_paper = np.arange(len(table)), len(table) + 0.5 + np.arange(len(paper_table))
@@ -106,13 +107,15 @@ def plot(study: Study):
 def verdict(study: Study) -> str:
     """Per model: routed vs dense (paired CI), skipping and speed-up; the ranges beside the paper's."""
     table, paper_table = study.tables["table5"], study.tables["table5_paper"]
+    versus = lambda r: "significantly different from" if resolved(r.ci_low, r.ci_high) else "not distinguishable from"
     lines = [f"{r.model}: {r.dense:.1f}% -> {r.routed:.1f}% ({r['diff']:+.1f} [{r.ci_low:+.1f}, {r.ci_high:+.1f}] "
-             f"points, {'not distinguishable from dense' if r.ci_low <= 0 <= r.ci_high else 'significantly different from dense'}"
-             f" at 95%); executed {r.executed:.2f} of routed-layer inputs ({r['skipped share']:.0%} of all attention "
-             f"executions skipped); {r.speedup:.2f}x end-to-end ({r['skipped share (timing)']:.0%} skipped while "
-             f"timed), KV cache {r['kv ratio']:.2f} of dense." for _, r in table.iterrows()]
-    lines.append(f"Paper (GPU, 8 tasks): differences {paper_table['diff'].min():+.1f}..{paper_table['diff'].max():+.1f} "
-                 f"points, speed-ups {paper_table.speedup.min():.2f}-{paper_table.speedup.max():.2f}x. Ours: "
+             f"points, {versus(r)} dense at 95%); executed {r.executed:.2f} of routed-layer inputs "
+             f"({r['skipped share']:.0%} of all attention executions skipped); {r.speedup:.2f}x end-to-end "
+             f"({r['skipped share (timing)']:.0%} skipped while timed), KV cache {r['kv ratio']:.2f} of dense."
+             for _, r in table.iterrows()]
+    lines.append(f"Paper (GPU, 8 tasks): differences {paper_table['diff'].min():+.1f}.."
+                 f"{paper_table['diff'].max():+.1f} points, speed-ups {paper_table.speedup.min():.2f}-"
+                 f"{paper_table.speedup.max():.2f}x. Ours: "
                  f"differences {table['diff'].min():+.1f}..{table['diff'].max():+.1f} points, speed-ups "
                  f"{table.speedup.min():.2f}-{table.speedup.max():.2f}x; "
                  f"{int(((table.ci_low <= 0) & (0 <= table.ci_high)).sum())} of {len(table)} models within the 95% CI "

@@ -24,7 +24,8 @@ NAME = "08_moe"
 RANDOM = "mechanics only, random weights"
 SETTINGS = {  # models, evaluation and timing sizes; the tuning budget comes from experiments.PROFILES
     "smoke": dict(models=[dict(name="tiny random OLMoE", paper="OLMoE",
-                               random=dict(num_layers=2, hidden_size=64, intermediate_size=64, num_experts=8, top_k=2))],
+                               random=dict(num_layers=2, hidden_size=64, intermediate_size=64, num_experts=8,
+                                           top_k=2))],
                   tasks=["piqa", "boolq"], shots=0, limit=8, skip=0.25,
                   speed=dict(batch_size=2, prompt_len=16, num_prompts=2, new_tokens=4, repeats=1)),
     "cpu": dict(models=[dict(name="random OLMoE-arch (8 layers, 16 experts, top-4)", paper="OLMoE",
@@ -38,7 +39,8 @@ SETTINGS = {  # models, evaluation and timing sizes; the tuning budget comes fro
                   speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=3)),
 }
 COLORS = {"dense": "gray", "Expert Drop": "tab:orange", "Router-Tuning": "tab:blue"}
-MAX_LOAD = {"assigned_load": "max load, gate (dense)", "Router-Tuning executed_load": "max load, Router-Tuning executed",
+MAX_LOAD = {"assigned_load": "max load, gate (dense)",  # load column -> its per-layer maximum's column
+            "Router-Tuning executed_load": "max load, Router-Tuning executed",
             "Expert Drop executed_load": "max load, Expert Drop executed"}
 
 

@@ -149,7 +149,8 @@ def verdict(study: Study) -> str:
     t = study.tables["figure3"].set_index(["method", "target skip"])
     vs = study.tables["figure3_router_minus_drop"].set_index("target skip")
     lines = [f"Dense: {t.loc[('dense', 0.0), 'exact match']:.1f}% exact match ({study.model_label}, {task} "
-             f"{S['shots']}-shot, n={study.info['dense_n']}); paper (Llama-3-8B, GSM8K): {PAPER_FIGURE3['dense'][0.0]}%."]
+             f"{S['shots']}-shot, n={study.info['dense_n']}); paper (Llama-3-8B, GSM8K): "
+             f"{PAPER_FIGURE3['dense'][0.0]}%."]
     for skip, r in vs.iterrows():
         rt, dr = t.loc[("router", skip)], t.loc[("attn_drop", skip)]
         lines.append(f"{skip:.1%} of attention skipped (measured: router {rt['skipped share (generation)']:.3f}, drop "

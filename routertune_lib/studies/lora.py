@@ -103,7 +103,8 @@ def _tasks(study: Study) -> list[str]:
 
 
 def plot(study: Study):
-    """Accuracy − dense per setting (ours with CI, the paper's two models) with measured speed-ups; table8_diff.png."""
+    """Accuracy − dense per setting (ours with CI, the paper's two models) with measured speed-ups; saves
+    table8_diff.png."""
     table, N = study.tables["table8"], study.info["num_hidden_layers"]
     g = table[table.setting != "dense"]
     fig, ax = plt.subplots(figsize=(8, 3.8))

@@ -55,8 +55,9 @@ def run(profile: str) -> Study:
     study.info["layers"] = layers
     ours = study.table("num_layers", _curves(results, tuning, layers))
     study.table("num_layers_paper", pd.DataFrame([
-        {"model": m, "layers": PAPER_MODELS[m]["num_layers"], "n": n, "fraction routed": n / PAPER_MODELS[m]["num_layers"],
-         "avg": v, "diff": v - curve[0], "figure": 5 if m in PAPER_FIGURE5 else 6}
+        {"model": m, "layers": PAPER_MODELS[m]["num_layers"], "n": n,
+         "fraction routed": n / PAPER_MODELS[m]["num_layers"], "avg": v, "diff": v - curve[0],
+         "figure": 5 if m in PAPER_FIGURE5 else 6}
         for m, curve in PAPER_CURVES.items() for n, v in sorted(curve.items())]))
     w = (ours.ci_high - ours.ci_low)[ours.n > 0]
     print(f"n per task {results[next(iter(results))][0].tasks[S['tasks'][0]].n}; 95% CI width of the average "
@@ -139,7 +140,8 @@ def verdict(study: Study) -> str:
         N = c.layers
         lines.append(
             f"{c.model} ({N} layers): n={c['n half']} ({c['n half'] / N:.0%}) routed: {c['diff half']:+.1f} "
-            f"[{c['ci_low half']:+.1f}, {c['ci_high half']:+.1f}] points ({_versus_dense(c['ci_low half'], c['ci_high half'])}); "
+            f"[{c['ci_low half']:+.1f}, {c['ci_high half']:+.1f}] points "
+            f"({_versus_dense(c['ci_low half'], c['ci_high half'])}); "
             f"n={c['n max']} ({c['n max'] / N:.0%}): {c['diff max']:+.1f} [{c['ci_low max']:+.1f}, "
             f"{c['ci_high max']:+.1f}] ({_versus_dense(c['ci_low max'], c['ci_high max'])}). "
             + ("No point beyond half was measured." if c['n max'] == c['n half'] else

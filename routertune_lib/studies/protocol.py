@@ -40,8 +40,8 @@ def mindskip_config(num_hidden_layers: int, num_layers: int | None = None, capac
                     target: str = "attn", level: str = "sequence") -> RouterConfig:
     """The paper's MindSkip routers: ``target``/``level`` routers on ``num_layers`` (default half) of the deepest layers
     but the last, target ``capacity``, capacity weight 0.1 (the configuration every study's cached routers share)."""
-    return RouterConfig(target=target, level=level, num_layers=num_hidden_layers // 2 if num_layers is None else num_layers,
-                        capacity=capacity, capacity_weight=0.1)
+    n = num_hidden_layers // 2 if num_layers is None else num_layers
+    return RouterConfig(target=target, level=level, num_layers=n, capacity=capacity, capacity_weight=0.1)
 
 
 def evaluate_setting(model, tokenizer, S: dict) -> EvalResults:

@@ -146,7 +146,8 @@ def _figure4(study, routed, tokenizer, importance, layers, k, calibration, probe
     """Skip ratio per routed layer on held-out prompts: one global threshold at capacity 0.5, the trained threshold
     0.5, and Layer Drop's all-or-nothing."""
     calibrate(routed, calibration, FIGURE2_CAPACITY, False, tokenizer)
-    skip = lambda: {i: 1 - f for i, f in executed_fractions(routed, probe, tokenizer, CALIB_MAX_LENGTH)["layers"].items()}
+    skip = lambda: {i: 1 - f
+                    for i, f in executed_fractions(routed, probe, tokenizer, CALIB_MAX_LENGTH)["layers"].items()}
     skip_global = skip()
     set_thresholds(routed, 0.5)
     skip_native = skip()
@@ -233,12 +234,13 @@ def verdict(study: Study) -> str:
         paper = np.mean([PAPER_FIGURE2[f"{tg}_router"][t] - PAPER_FIGURE2[f"{tg}_layerdrop"][t]
                          for t in PAPER_FIGURE2[f"{tg}_router"]])
         lines.append(f"Figure 2, {tg}: Router-Tuning − Layer Drop = {a['diff']:+.1f} [{a.ci_low:+.1f}, "
-                     f"{a.ci_high:+.1f}] points on average ({'significant' if resolved(a.ci_low, a.ci_high) else 'not significant'}"
-                     f" at 95%); paper (Llama-3-8B, ARC-C/MMLU/OBQA/RTE): {paper:+.1f}.")
+                     f"{a.ci_high:+.1f}] points on average "
+                     f"({'significant' if resolved(a.ci_low, a.ci_high) else 'not significant'} at 95%); paper "
+                     f"(Llama-3-8B, ARC-C/MMLU/OBQA/RTE): {paper:+.1f}.")
     r = study.tables["figure4_skip_ratio"]["router (global threshold, capacity 0.5)"]
-    lines.append(f"Figure 4: with one global threshold the routed layers skip {r.min():.0%}–{r.max():.0%} of sequences "
-                 f"(mean {r.mean():.0%}; {int((r > 0).sum())} of {len(r)} layers skip some, {int((r < 1).sum())} run "
-                 f"for some); paper: {PAPER_FIGURE4['router_skip_min']:.0%}–{PAPER_FIGURE4['router_skip_max']:.0%}, "
-                 f"mean {PAPER_FIGURE4['router_skip_mean']:.0%}. Layer Drop removes {study.info['dropped_at_figure2']} "
-                 f"of {len(r)} routed layers entirely.")
+    lines.append(f"Figure 4: with one global threshold the routed layers skip {r.min():.0%}–{r.max():.0%} of "
+                 f"sequences (mean {r.mean():.0%}; {int((r > 0).sum())} of {len(r)} layers skip some, "
+                 f"{int((r < 1).sum())} run for some); paper: {PAPER_FIGURE4['router_skip_min']:.0%}–"
+                 f"{PAPER_FIGURE4['router_skip_max']:.0%}, mean {PAPER_FIGURE4['router_skip_mean']:.0%}. Layer Drop "
+                 f"removes {study.info['dropped_at_figure2']} of {len(r)} routed layers entirely.")
     return "\n".join(lines)

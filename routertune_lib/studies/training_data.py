@@ -160,9 +160,11 @@ def verdict(study: Study) -> str:
         + f" points; spread {t6['diff'].max() - t6['diff'].min():.1f} points (paper, Llama-3-8B: "
         + ", ".join(f"{k} {v:+.1f}" for k, v in paper_diffs.items())
         + f"; spread {max(paper_diffs.values()) - min(paper_diffs.values()):.1f}).",
-        f"Best here: {best}; worst: {worst}; the 95% CIs of all sources {'overlap' if overlap else 'do NOT all overlap'}"
-        f" ({'robust to the data choice at this resolution, as in the paper' if overlap else 'the data choice matters here'})."
-        f" The mixture is {'the best' if best == OFFLINE_MIX else 'not the best'} source here (paper: the Llama-Pro "
+        f"Best here: {best}; worst: {worst}; the 95% CIs of all sources "
+        f"{'overlap' if overlap else 'do NOT all overlap'}"
+        + (" (robust to the data choice at this resolution, as in the paper)." if overlap
+           else " (the data choice matters here).")
+        + f" The mixture is {'the best' if best == OFFLINE_MIX else 'not the best'} source here (paper: the Llama-Pro "
         "mixture is best).",
         "Training-time capacity (threshold 0.5, last step) per source: "
         + ", ".join(f"{s} {c:.2f}" for s, c in t6["train capacity"].items())
