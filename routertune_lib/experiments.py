@@ -1,4 +1,4 @@
-"""Shared building blocks of the reproduction notebooks: cached router tuning, tidy comparison tables, speed-ups.
+"""Shared building blocks of the studies (:mod:`routertune_lib.studies`): cached router tuning, tables, speed-ups.
 
 * :func:`tuned_routers` trains routers once per (model, router config, train config, data) and caches the checkpoint
   under ``<cache_dir()>/routers/<key>.safetensors``, so notebooks that need the same routers share one training run.
