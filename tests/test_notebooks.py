@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from routertune_lib import paper
+from routertune_lib.data import OFFLINE_MIX
 from routertune_lib.evaluation import GEN_TASKS, MC_TASKS
 from routertune_lib.reproduce import check_parameters, run_notebooks
 from routertune_lib.studies import (across_models, cost, experts, generation, granularity, lora, num_layers,
@@ -43,7 +44,7 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
     if notebook == "07_training_data":
         runs, P = run["runs"], run["profile_settings"]
         return {"all_runs": 1 + len(runs), "table6": 1 + sum(n == P["train_samples"] for _, n in runs),
-                "figure7": 1 + sum(src == "offline-mix" for src, _ in runs),
+                "figure7": 1 + sum(src == OFFLINE_MIX for src, _ in runs),
                 "table6_paper_llama3_8b": len(paper.PAPER_TABLE6),
                 "figure7_paper_llama3_8b_instruct": len(paper.PAPER_FIGURE7)}
     if notebook == "08_moe":

@@ -91,7 +91,7 @@ def _table2(results: dict, runs: dict, tasks: list[str], N: int) -> pd.DataFrame
 def plot(study: Study):
     """Average accuracy − dense per granularity (ours with its paired CI, the paper's beside); table2_diff.png."""
     table, N = study.tables["table2"], study.info["num_hidden_layers"]
-    tasks = [t for t in study.settings["tasks"] if t in table.columns]
+    tasks = study.scored_tasks("table2")
     g = table[table.setting != "dense"]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     diff_bars(ax, [f"{s}\n{v:.2f}x" for s, v in zip(g.setting, g.speedup)], g,
@@ -106,7 +106,7 @@ def plot(study: Study):
 def verdict(study: Study) -> str:
     """Which target keeps most accuracy, attn/sequence against dense, the fastest granularity."""
     table = study.tables["table2"]
-    tasks = [t for t in study.settings["tasks"] if t in table.columns]
+    tasks = study.scored_tasks("table2")
     t = table.set_index("setting")
     by = {tg: t.loc[[f"{tg}_token", f"{tg}_sequence"], "diff"].mean() for tg in ("attn", "mlp", "block")}
     paper = {tg: np.mean([t.loc[f"{tg}_{l}", "diff (paper, same tasks)"] for l in ("token", "sequence")]) for tg in by}

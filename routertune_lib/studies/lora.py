@@ -98,10 +98,6 @@ def _table8(results: dict, speed: pd.DataFrame, tuning: dict, N: int) -> pd.Data
     return ours
 
 
-def _tasks(study: Study) -> list[str]:
-    return [t for t in study.settings["tasks"] if t in study.tables["table8"].columns]
-
-
 def plot(study: Study):
     """Accuracy − dense per setting (ours with CI, the paper's two models) with measured speed-ups; saves
     table8_diff.png."""
@@ -109,7 +105,7 @@ def plot(study: Study):
     g = table[table.setting != "dense"]
     fig, ax = plt.subplots(figsize=(8, 3.8))
     diff_bars(ax, [f"{s}\n{v:.2f}x here" for s, v in zip(g.setting, g.speedup)], g,
-              f"ours ({study.model_label}, {study.profile}, {', '.join(_tasks(study))})",
+              f"ours ({study.model_label}, {study.profile}, {', '.join(study.scored_tasks('table8'))})",
               {f"paper ({m}, 8 tasks)": g[f"diff (paper, {m})"] for m in PAPER_TABLE8})
     ax.set_xlabel("setting, measured end-to-end speed-up (LoRA merged, real skipping)")
     ax.set_title(f"Table 8: LoRA and Router-Tuning, capacity {CAPACITY}, {N // 2} of {N} layers routed")
@@ -124,7 +120,8 @@ def verdict(study: Study) -> str:
     fmt = lambda s: f"{t.loc[s, 'diff']:+.1f} [{t.loc[s, 'ci_low']:+.1f}, {t.loc[s, 'ci_high']:+.1f}]"
     sig = lambda lo, hi: "significant" if resolved(lo, hi) else "not significant"
     return "\n".join([
-        f"Ours ({study.model_label}, {study.profile}, tasks {_tasks(study)}): dense {t.loc['dense', 'avg']:.1f}%; "
+        f"Ours ({study.model_label}, {study.profile}, tasks {study.scored_tasks('table8')}): dense "
+        f"{t.loc['dense', 'avg']:.1f}%; "
         f"Router-Tuning {fmt('router')} ({t.loc['router', 'speedup']:.2f}x), LoRA {fmt('lora')} "
         f"({t.loc['lora', 'speedup']:.2f}x), LoRA + Router-Tuning {fmt('lora_router')} "
         f"({t.loc['lora_router', 'speedup']:.2f}x) points vs dense. Paper: " + "; ".join(

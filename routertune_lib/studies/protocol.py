@@ -111,6 +111,10 @@ class Study:
         """The profile's model name, or ``"tiny random"`` (smoke)."""
         return (self.profile_settings or self.settings).get("model") or "tiny random"
 
+    def scored_tasks(self, table: str) -> list[str]:
+        """The study's tasks that have a column in ``tables[table]`` (those every compared model was scored on)."""
+        return [t for t in self.settings["tasks"] if t in self.tables[table].columns]
+
     def table(self, name: str, df: pd.DataFrame, floatfmt: str = ".3f") -> pd.DataFrame:
         """Write ``df`` as ``<out_dir>/<name>.csv`` / ``.md``, keep it in ``tables`` and return it."""
         write_table(df, self.out_dir, name, floatfmt=floatfmt)

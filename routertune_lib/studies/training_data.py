@@ -92,10 +92,6 @@ def run(profile: str, extra_datasets=()) -> Study:
     return study
 
 
-def _tasks(study: Study) -> list[str]:
-    return [t for t in study.settings["tasks"] if t in study.tables["all_runs"].columns]
-
-
 def plot_table6(study: Study):
     """Routed − dense per tuning source (ours with CI) beside the paper's Table 6; saves table6_diff.png."""
     table6, paper6 = study.tables["table6"], study.tables["table6_paper_llama3_8b"]
@@ -107,7 +103,7 @@ def plot_table6(study: Study):
               f"ours ({study.model_label}, {study.profile})")
     ax.set_xlabel(f"tuning data ({study.profile_settings['train_samples']} conversations), executed fraction in "
                   "evaluation")
-    ax.set_title(f"Ours: {', '.join(_tasks(study))} (95% paired CI)")
+    ax.set_title(f"Ours: {', '.join(study.scored_tasks('all_runs'))} (95% paired CI)")
     axp.bar(np.arange(len(pp)), pp["diff (paper)"], 0.6, color="lightgray", edgecolor="gray",
             label="paper (Llama-3-8B)")
     baseline(axp)
@@ -127,7 +123,7 @@ def plot_figure7(study: Study):
     r = fig7[fig7.samples > 0]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.errorbar(r.samples, r["diff"], yerr=ci_yerr(r), marker="o", capsize=4,
-                label=f"ours ({study.model_label}, {study.profile}, {', '.join(_tasks(study))})")
+                label=f"ours ({study.model_label}, {study.profile}, {', '.join(study.scored_tasks('all_runs'))})")
     pk = sorted(k for k in PAPER_FIGURE7 if k > 0)
     ax.plot(pk, [PAPER_FIGURE7[k] - PAPER_FIGURE7[0] for k in pk], marker="s", color="gray", ls=":",
             label="paper (Llama-3-8B-Instruct, HellaS/MMLU/OBQA/WinoG)")
@@ -143,7 +139,7 @@ def plot_figure7(study: Study):
 
 def verdict(study: Study) -> str:
     """Table 6: spread over sources and CI overlap; Figure 7: difference per sample count and its trend."""
-    P, tasks = study.profile_settings, _tasks(study)
+    P, tasks = study.profile_settings, study.scored_tasks('all_runs')
     t6 = study.tables["table6"]
     t6 = t6[t6.setting != "dense"].set_index("source")
     best, worst = t6["diff"].idxmax(), t6["diff"].idxmin()
