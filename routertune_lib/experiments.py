@@ -230,8 +230,8 @@ def router_record(path: str | Path) -> dict:
 
 
 def conversation_batches(conversations, tokenizer, max_length: int, batch_size: int = 8, device=None) -> list[dict]:
-    """Chat-template tokenized, right-padded batches ``{input_ids, attention_mask}`` (for ``module_importance`` or
-    ``calibrate_thresholds``)."""
+    """Right-padded batches ``{input_ids, attention_mask}`` of conversations (chat template), plain texts or ready
+    batches (for ``module_importance``, ``calibrate_thresholds``, :func:`executed_fractions`)."""
     return _calibration_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
 
 
@@ -249,7 +249,7 @@ def executed_fractions(model, data, tokenizer=None, max_length: int = 2048, batc
     with ``tokenizer``, or ``input_ids`` batches), in the model's routing mode."""
     device = next(model.parameters()).device
     counts: dict[int, list[float]] = {}
-    for b in _calibration_batches(data, tokenizer, batch_size, max_length, device):
+    for b in conversation_batches(data, tokenizer, max_length, batch_size, device):
         ctx = RoutingContext(model.routertune.mode, b["attention_mask"], RoutingTrace())
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
         for layer, (e, n) in ctx.trace.counts().items():

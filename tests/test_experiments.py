@@ -224,3 +224,18 @@ def test_plot_helpers_draw_ci_bars_and_save_atomically(tmp_path):
     assert path == tmp_path / "f.png" and path.read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary file left
     plt.close(fig)
+
+
+def test_executed_fractions_per_layer_on_texts():
+    model, tok = tiny_random_model()
+    attach_routers(model, RouterConfig(target="attn", level="sequence", num_layers=2))
+    texts = ["The sky is blue because of Rayleigh scattering.", "Two plus two is four.", "Hello"]
+    dense = experiments.executed_fractions(model, texts, tok, max_length=32, batch_size=2)
+    assert dense == {"layers": {1: 1.0, 2: 1.0}, "overall": 1.0}  # zero routers execute everything
+    experiments.randomize_routers(model, seed=0)
+    from routertune_lib.routing import set_thresholds
+
+    set_thresholds(model, 1.0)  # nothing scores >= 1
+    assert experiments.executed_fractions(model, texts, tok, max_length=32)["overall"] == 0.0
+    batches = experiments.conversation_batches(texts, tok, max_length=32, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]
