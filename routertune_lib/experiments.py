@@ -1,4 +1,4 @@
-"""Shared building blocks of the reproduction notebooks: cached router tuning, tidy comparison tables, speed-ups.
+"""Shared building blocks of the studies (:mod:`routertune_lib.studies`): cached router tuning, tables, speed-ups.
 
 * :func:`tuned_routers` trains routers once per (model, router config, train config, data) and caches the checkpoint
   under ``<cache_dir()>/routers/<key>.safetensors``, so notebooks that need the same routers share one training run.
@@ -139,7 +139,9 @@ def tuned_routers(
 
     model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
     model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained
-        in place and its routers (and LoRA layers) are removed afterwards, so it is returned to the caller dense.
+        in place and its routers (and LoRA layers, peft ``unload``) are removed afterwards, so it is returned to the
+        caller dense. Should training raise, the routers are removed but LoRA layers peft injected may remain: load the
+        model again before using it.
     A file lock serialises concurrent calls with the same key (e.g. two notebooks), so training happens once.
     """
     if model is None:
@@ -159,6 +161,7 @@ def tuned_routers(
             return path
         data = load_instruction_data(data_source, limit=num_samples, seed=seed)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".{digest}.work-"))
+        result = None
         try:
             result = train_routers(model, tokenizer, data, router_config,
                                    replace(train_config, output_dir=str(work)))
@@ -176,7 +179,8 @@ def tuned_routers(
             tmp.replace(path)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            _remove_lora_layers(model)
+            if result is not None:
+                _unload_lora(result.model)
             if getattr(model, "routertune", None) is not None:
                 detach_routers(model)
     log.info("tuned_routers: trained %s in %.1f s", path, record["wall_time_s"])
@@ -187,17 +191,14 @@ def _adapter_dir(router_path: Path) -> Path:
     return router_path.with_suffix(".adapter")
 
 
-def _remove_lora_layers(model) -> None:
-    """Undo peft's in-place adapter injection (``get_peft_model``) without merging: each adapter layer is replaced by
-    its base layer, so ``model`` computes what it did before."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def _unload_lora(trained) -> None:
+    """Undo ``train_routers``' LoRA injection without merging (peft ``PeftModel.unload``): the wrapped model gets its
+    base layers back, so it computes what it did before. ``trained`` is ``TrainResult.model``; a model trained
+    without LoRA is left as is."""
+    from peft import PeftModel
 
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, module.get_base_layer())
-    if hasattr(model, "peft_config"):
-        del model.peft_config
+    if isinstance(trained, PeftModel):
+        trained.unload()  # also removes the peft_config peft copied onto the model
 
 
 def tuned_adapter(path: str | Path) -> Path | None:
@@ -229,8 +230,8 @@ def router_record(path: str | Path) -> dict:
 
 
 def conversation_batches(conversations, tokenizer, max_length: int, batch_size: int = 8, device=None) -> list[dict]:
-    """Chat-template tokenized, right-padded batches ``{input_ids, attention_mask}`` (for ``module_importance`` or
-    ``calibrate_thresholds``)."""
+    """Right-padded batches ``{input_ids, attention_mask}`` of conversations (chat template), plain texts or ready
+    batches (for ``module_importance``, ``calibrate_thresholds``, :func:`executed_fractions`)."""
     return _calibration_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
 
 
@@ -248,7 +249,7 @@ def executed_fractions(model, data, tokenizer=None, max_length: int = 2048, batc
     with ``tokenizer``, or ``input_ids`` batches), in the model's routing mode."""
     device = next(model.parameters()).device
     counts: dict[int, list[float]] = {}
-    for b in _calibration_batches(data, tokenizer, batch_size, max_length, device):
+    for b in conversation_batches(data, tokenizer, max_length, batch_size, device):
         ctx = RoutingContext(model.routertune.mode, b["attention_mask"], RoutingTrace())
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
         for layer, (e, n) in ctx.trace.counts().items():

@@ -183,3 +183,59 @@ def test_paper_models_cover_the_models_of_figures_5_6_and_table_5():
         for name, points in curves.items():
             assert max(points) < paper.PAPER_MODELS[name]["num_layers"], name  # routed layers exclude the last
     assert set(paper.PAPER_TABLE5) <= set(paper.PAPER_MODELS)
+
+
+def test_study_protocol_keeps_the_router_cache_keys_and_checks_profiles():
+    from routertune_lib.studies import protocol
+
+    # the notebooks' routers before the move to studies: same config, so the same cached checkpoints
+    assert protocol.mindskip_config(30) == RouterConfig(target="attn", level="sequence", num_layers=15, capacity=0.5,
+                                                        capacity_weight=0.1)
+    assert protocol.mindskip_config(30, num_layers=24, target="mlp", level="token") == RouterConfig(
+        target="mlp", level="token", num_layers=24, capacity=0.5, capacity_weight=0.1)
+    with pytest.raises(ValueError, match=r"'laptop'.*valid profiles: \['cpu', 'smoke'\]"):
+        protocol.settings_for({"smoke": {}, "cpu": {}}, "laptop")
+    assert protocol.resolved(0.1, 2.0) and protocol.resolved(-2.0, -0.1) and not protocol.resolved(-0.1, 0.1)
+    assert protocol.shots_label({"shots": None}) == "paper shots" and protocol.shots_label({"shots": 5}) == "5-shot"
+
+
+def test_training_data_plans_table6_then_the_figure7_ladder():
+    from routertune_lib.studies.training_data import planned_runs
+
+    assert planned_runs(["offline-mix", "offline-mix:sciq"], 256, [64, 256]) == [
+        ("offline-mix", 256), ("offline-mix:sciq", 256), ("offline-mix", 64)]
+
+
+def test_plot_helpers_draw_ci_bars_and_save_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from routertune_lib import plots
+
+    ours = pd.DataFrame({"diff": [1.0, -2.0], "ci_low": [0.0, -3.0], "ci_high": [3.0, -1.5]})
+    below, above = plots.ci_yerr(ours)
+    assert list(below) == [1.0, 1.0] and list(above) == [2.0, 0.5]
+    fig, ax = plt.subplots()
+    plots.diff_bars(ax, ["a", "b"], ours, "ours", {"paper": [0.5, -1.0]})
+    assert len(ax.patches) == 4 and [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    path = plots.save_figure(fig, tmp_path, "f")
+    assert path == tmp_path / "f.png" and path.read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary file left
+    plt.close(fig)
+
+
+def test_executed_fractions_per_layer_on_texts():
+    model, tok = tiny_random_model()
+    attach_routers(model, RouterConfig(target="attn", level="sequence", num_layers=2))
+    texts = ["The sky is blue because of Rayleigh scattering.", "Two plus two is four.", "Hello"]
+    dense = experiments.executed_fractions(model, texts, tok, max_length=32, batch_size=2)
+    assert dense == {"layers": {1: 1.0, 2: 1.0}, "overall": 1.0}  # zero routers execute everything
+    experiments.randomize_routers(model, seed=0)
+    from routertune_lib.routing import set_thresholds
+
+    set_thresholds(model, 1.0)  # nothing scores >= 1
+    assert experiments.executed_fractions(model, texts, tok, max_length=32)["overall"] == 0.0
+    batches = experiments.conversation_batches(texts, tok, max_length=32, batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]

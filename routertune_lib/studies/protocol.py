@@ -1,0 +1,132 @@
+"""The protocol the studies share: per-profile settings, the MindSkip router of the paper, calibrate-then-evaluate of
+a tuned router, and a :class:`Study` that writes its tables and ``run.json`` under ``results/<study>/<profile>/``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ..evaluation import EvalResults, evaluate
+from ..experiments import measure_speedups, profile_settings, routed_copy, router_record, tuned_routers
+from ..reporting import results_dir, run_info, write_json, write_table
+from ..routing import RouterConfig
+from ..training import calibrate_thresholds
+
+CAPACITY = 0.5  # the paper's target capacity of the routed layers
+CALIB_MAX_LENGTH = 2048  # calibration prompts are scored whole, as the evaluation scores them
+
+
+def settings_for(settings: dict, profile: str) -> dict:
+    """A copy of ``settings[profile]`` (a study's evaluation/timing sizes); unknown profiles raise ``ValueError``."""
+    if profile not in settings:
+        raise ValueError(f"Unknown profile {profile!r}; valid profiles: {sorted(settings)}")
+    return dict(settings[profile])
+
+
+def shots_label(S: dict) -> str:
+    """``"paper shots"`` or ``"<k>-shot"`` for a settings dict with ``shots``."""
+    return "paper shots" if S["shots"] is None else f"{S['shots']}-shot"
+
+
+def resolved(ci_low: float, ci_high: float) -> bool:
+    """True when a 95% CI excludes 0 (the difference is resolved)."""
+    return ci_low > 0 or ci_high < 0
+
+
+def mindskip_config(num_hidden_layers: int, num_layers: int | None = None, capacity: float = CAPACITY,
+                    target: str = "attn", level: str = "sequence") -> RouterConfig:
+    """The paper's MindSkip routers: ``target``/``level`` routers on ``num_layers`` (default half) of the deepest layers
+    but the last, target ``capacity``, capacity weight 0.1 (the configuration every study's cached routers share)."""
+    n = num_hidden_layers // 2 if num_layers is None else num_layers
+    return RouterConfig(target=target, level=level, num_layers=n, capacity=capacity, capacity_weight=0.1)
+
+
+def evaluate_setting(model, tokenizer, S: dict) -> EvalResults:
+    """``evaluate`` on a study's ``tasks`` with its ``shots`` and ``limit``."""
+    return evaluate(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
+
+
+def calibrate(model, prompts, capacity: float, per_layer: bool, tokenizer):
+    """Thresholds of a routed ``model`` calibrated to ``capacity`` on unlabelled ``prompts`` (scored whole)."""
+    return calibrate_thresholds(model, prompts, capacity=capacity, per_layer=per_layer, tokenizer=tokenizer,
+                                max_length=CALIB_MAX_LENGTH)
+
+
+@dataclass
+class RoutedRun:
+    """One tuned router checkpoint, calibrated and evaluated (and timed when a timing pool was given)."""
+
+    path: Path
+    record: dict  # experiments.router_record: key, steps, wall_time_s, final_capacity, ...
+    thresholds: object
+    results: EvalResults
+    speed: pd.Series | None  # the routed row of measure_speedups (speedup, kv_ratio, skipped_share, ...)
+
+
+def tuned_run(model_name, model, tokenizer, router_config: RouterConfig, train_config, S: dict, calibration, *,
+              num_samples: int, data_source: str = "offline-mix", capacity: float = CAPACITY, timing_pool=None,
+              name: str = "routed") -> RoutedRun:
+    """Tune (or load from the cache) ``router_config`` routers on ``model``, calibrate a copy to ``capacity`` on
+    ``calibration`` (per layer when ``S["calib_per_layer"]``), evaluate it on ``S`` and, with ``timing_pool``
+    (``[P, T]`` token ids), time it against ``model`` with ``S["speed"]``."""
+    path = tuned_routers(model_name, router_config, train_config, data_source=data_source, num_samples=num_samples,
+                         model=model, tokenizer=tokenizer)
+    speed = None
+    with routed_copy(model, path) as routed:
+        thresholds = calibrate(routed, calibration, capacity, S["calib_per_layer"], tokenizer)
+        results = evaluate_setting(routed, tokenizer, S)
+        if timing_pool is not None:
+            speed = measure_speedups(model, {name: routed}, timing_pool, **S["speed"]).iloc[1]
+    return RoutedRun(path, router_record(path), thresholds, results, speed)
+
+
+@dataclass
+class Study:
+    """A running study: its settings, the tables it wrote and the values its figures and verdicts read.
+
+    ``tables`` holds every table written (``<out_dir>/<name>.csv`` and ``.md``); ``info`` the scalars and labels
+    figures and verdicts need (layer counts, model label, ...)."""
+
+    name: str
+    profile: str
+    settings: dict  # the study's SETTINGS[profile]
+    profile_settings: dict | None  # experiments.PROFILES[profile] (model, tuning budget), None where not used
+    out_dir: Path
+    started: float = field(default_factory=time.time)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, name: str, profile: str, settings: dict, shared_profile: bool = True) -> Study:
+        """A study ``name`` (its results go to ``results_dir(name, profile)``) with ``settings[profile]``."""
+        S = settings_for(settings, profile)
+        P = profile_settings(profile) if shared_profile else None
+        return cls(name, profile, S, P, results_dir(name, profile))
+
+    @property
+    def model_label(self) -> str:
+        """The profile's model name, or ``"tiny random"`` (smoke)."""
+        return (self.profile_settings or self.settings).get("model") or "tiny random"
+
+    def scored_tasks(self, table: str) -> list[str]:
+        """The study's tasks that have a column in ``tables[table]`` (those every compared model was scored on)."""
+        return [t for t in self.settings["tasks"] if t in self.tables[table].columns]
+
+    def table(self, name: str, df: pd.DataFrame, floatfmt: str = ".3f") -> pd.DataFrame:
+        """Write ``df`` as ``<out_dir>/<name>.csv`` / ``.md``, keep it in ``tables`` and return it."""
+        write_table(df, self.out_dir, name, floatfmt=floatfmt)
+        self.tables[name] = df
+        return df
+
+    def finish(self, **record) -> None:
+        """Write ``run.json``: profile, settings, ``record``, wall time since the start and provenance."""
+        head = {"profile": self.profile}
+        if self.profile_settings is not None:
+            head["profile_settings"] = self.profile_settings
+        wall = time.time() - self.started
+        write_json(self.out_dir / "run.json", {**head, "settings": self.settings, **record, "wall_time_s": wall,
+                                               "run": run_info()})
+        print(f"wall time {wall:.0f} s; results in {self.out_dir}")
