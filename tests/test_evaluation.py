@@ -457,7 +457,7 @@ def test_fewshot_requests_equal_lm_eval_requests(name, tmp_path):
     shots = task.num_fewshot or 3
     theirs = agreement_script().lm_eval_requests(name, 30, 1234, shots, tmp_path)
     _, docs = ev.task_docs(name, 30, 1234)
-    ours = ev.build_requests(task, docs, shots, ev._fewshot_sampler(task, shots, 1234))
+    ours = ev.build_requests(task, docs, shots, ev.fewshot_sampler(task, shots, 1234))
     assert len(ours) == len(theirs) == 30
     for d, (mine, lm) in enumerate(zip(ours, theirs)):
         assert mine == lm, f"doc {d}"
