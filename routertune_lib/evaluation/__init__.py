@@ -10,18 +10,35 @@ evaluator are separate):
 * :mod:`.generation` -- greedy generation with stop strings, the exact-match runner;
 * :mod:`.results` -- :class:`EvalResults` and the paired accuracy comparison (:func:`compare`);
 * :mod:`.evaluator` -- :func:`evaluate` and its results cache;
-* :mod:`.fidelity` -- KL to the dense model and perplexity on held-out text.
+* :mod:`.reference` -- paired fidelity to a cached reference (log-likelihood change, agreement, KL, perplexity
+  ratio, with bootstrap CIs), KL and perplexity on held-out text.
 
 Every public name is importable from ``routertune_lib.evaluation``.
 """
 
 from .. import data as _data  # noqa: F401  (tests patch ``evaluation._data.load_task``)
 from .evaluator import HARNESS_VERSION, evaluate, model_fingerprint, router_hash
-from .fidelity import all_layers_executed, mean_kl, perplexity
+from .reference import (
+    HELDOUT,
+    FidelityResults,
+    ReferenceOutputs,
+    all_layers_executed,
+    fidelity,
+    mean_kl,
+    perplexity,
+    reference_outputs,
+)
 from .generation import generate_until
 from .requests import FewshotSampler, build_requests, encode_pair, fewshot_sampler, task_prompts, tok_encode
-from .results import EvalResults, TaskResult, choice_agreement, compare
-from .scoring import FORWARD_COST_TOKENS, RoutingStats, length_chunks, loglikelihoods, prefix_families, prefix_sharing_exact
+from .results import EvalResults, TaskResult, bootstrap_ci, choice_agreement, compare
+from .scoring import (
+    FORWARD_COST_TOKENS,
+    RoutingStats,
+    length_chunks,
+    loglikelihoods,
+    prefix_families,
+    prefix_sharing_exact,
+)
 from .tasks import (
     GEN_TASKS,
     MC_TASKS,
@@ -36,10 +53,11 @@ from .tasks import (
 )
 
 __all__ = [
-    "FORWARD_COST_TOKENS", "GEN_TASKS", "HARNESS_VERSION", "MC_TASKS", "PAPER_TASKS", "TASK_REGISTRY",
-    "EvalResults", "FewshotSampler", "GenerativeTask", "MultipleChoiceTask", "RoutingStats", "TaskResult",
-    "all_layers_executed", "build_requests", "choice_agreement", "compare", "encode_pair", "evaluate",
-    "fewshot_sampler", "generate_until", "get_task", "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint",
-    "normalize_answer", "perplexity", "prefix_families", "prefix_sharing_exact", "router_hash", "subset_indices",
-    "task_docs", "task_prompts", "tok_encode",
+    "FORWARD_COST_TOKENS", "GEN_TASKS", "HARNESS_VERSION", "HELDOUT", "MC_TASKS", "PAPER_TASKS", "TASK_REGISTRY",
+    "EvalResults", "FewshotSampler", "FidelityResults", "GenerativeTask", "MultipleChoiceTask", "ReferenceOutputs",
+    "RoutingStats", "TaskResult", "all_layers_executed", "bootstrap_ci", "build_requests", "choice_agreement",
+    "compare", "encode_pair", "evaluate", "fewshot_sampler", "fidelity", "generate_until", "get_task",
+    "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint", "normalize_answer", "perplexity",
+    "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_docs",
+    "task_prompts", "tok_encode",
 ]

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def _cache_path(key: dict) -> Path:
     return _data.cache_dir() / "eval" / f"{key['task']}-{digest}.json"
 
 
-def _resolve_shots(task, num_fewshot) -> int:
+def resolve_shots(task, num_fewshot) -> int:
     if num_fewshot is None:
         return task.num_fewshot
     if isinstance(num_fewshot, dict):
@@ -117,7 +117,7 @@ def evaluate(
     total = RoutingStats()
     for name in names:
         task = get_task(name)
-        shots = _resolve_shots(task, num_fewshot)
+        shots = resolve_shots(task, num_fewshot)
         key = {
             "version": HARNESS_VERSION, "model": ident, "task": name, "shots": shots, "limit": limit, "seed": seed,
             "share_context": share_context, "max_length": max_length,
@@ -150,33 +150,44 @@ def evaluate(
     return EvalResults(results, config, total.summary())
 
 
-def _run_multiple_choice(model, tokenizer, task, shots, limit, seed, batch_size, max_length, share_context):
+def multiple_choice_requests(tokenizer, task, shots: int, limit: int | None, seed: int):
+    """The evaluated docs of ``task`` and their requests: ``(doc ids, docs, per doc [(context, continuation)] strings,
+    all requests encoded [(context_enc, continuation_enc)] in doc order)``."""
     idx, docs = task_docs(task.name, limit, seed)
-    sampler = fewshot_sampler(task, shots, seed)
-    per_doc = build_requests(task, docs, shots, sampler)
+    per_doc = build_requests(task, docs, shots, fewshot_sampler(task, shots, seed))
     flat = [encode_pair(tokenizer, c, x) for reqs in per_doc for c, x in reqs]
+    return idx, docs, per_doc, flat
+
+
+def choice_record(task, doc_id: int, doc: dict, lls: Sequence[float]) -> dict:
+    """One doc's record from its choices' log-likelihoods ``lls``: the predictions of ``acc`` and ``acc_norm``, the
+    task metric's choice (``chosen``), both scores and the choices' lengths."""
+    choices = task.doc_to_choice(doc)
+    chars = [float(len(c)) for c in choices]
+    nbytes = [float(len(c.encode("utf-8"))) for c in choices]
+    gold = task.gold(doc)
+    pred = int(np.argmax(lls))
+    pred_norm = int(np.argmax(np.asarray(lls) / np.asarray(chars)))
+    rec = {
+        "task": task.name, "doc_id": int(doc_id), "gold": gold, "pred": pred, "pred_norm": pred_norm,
+        "chosen": pred_norm if task.metric == "acc_norm" else pred, "loglik": list(lls), "char_len": chars,
+        "byte_len": nbytes, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
+        "num_choices": len(choices),
+    }
+    if task.fewshot_group:
+        rec["subject"] = task.fewshot_group(doc)
+    return rec
+
+
+def _run_multiple_choice(model, tokenizer, task, shots, limit, seed, batch_size, max_length, share_context):
+    idx, docs, per_doc, flat = multiple_choice_requests(tokenizer, task, shots, limit, seed)
     stats = RoutingStats()
     out = loglikelihoods(model, flat, batch_size=batch_size, max_length=max_length, pad_id=pad_token_id(tokenizer),
                          share_context=share_context, stats=stats, desc=task.name)
     records, pos = [], 0
     for i, d, reqs in zip(idx, docs, per_doc):
-        lls = [ll for ll, _ in out[pos : pos + len(reqs)]]
+        records.append(choice_record(task, i, d, [ll for ll, _ in out[pos : pos + len(reqs)]]))
         pos += len(reqs)
-        choices = task.doc_to_choice(d)
-        chars = [float(len(c)) for c in choices]
-        nbytes = [float(len(c.encode("utf-8"))) for c in choices]
-        gold = task.gold(d)
-        pred = int(np.argmax(lls))
-        pred_norm = int(np.argmax(np.asarray(lls) / np.asarray(chars)))
-        rec = {
-            "task": task.name, "doc_id": int(i), "gold": gold, "pred": pred, "pred_norm": pred_norm,
-            "chosen": pred_norm if task.metric == "acc_norm" else pred, "loglik": lls, "char_len": chars,
-            "byte_len": nbytes, "acc": float(pred == gold), "acc_norm": float(pred_norm == gold),
-            "num_choices": len(choices),
-        }
-        if task.fewshot_group:
-            rec["subject"] = task.fewshot_group(d)
-        records.append(rec)
     metrics, stderr = {}, {}
     for m in ("acc", "acc_norm"):
         metrics[m], stderr[m] = mean_stderr([r[m] for r in records])

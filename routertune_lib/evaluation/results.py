@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +106,42 @@ def mean_stderr(x: Sequence[float]) -> tuple[float, float]:
 
 
 
+# -- paired bootstrap -------------------------------------------------------------------------------------------
+
+
+def _mean_over_examples(resampled: np.ndarray) -> np.ndarray:
+    return resampled.mean(1)
+
+
+def bootstrap(x, n_boot: int, rng: np.random.Generator,
+              statistic: Callable[[np.ndarray], np.ndarray] = _mean_over_examples) -> np.ndarray:
+    """``[n_boot]`` bootstrap replicates of ``statistic`` over resamples (with replacement) of the rows of ``x``
+    (``[n, ...]``: one row per example; paired: a row holds both models' values of one example).
+
+    statistic: resampled ``[k, n, ...]`` -> ``[k]``; default the mean over examples. Drawn in blocks of 256
+    replicates from ``rng``."""
+    x = np.asarray(x, dtype=float)
+    boot = np.empty(n_boot)
+    for s in range(0, n_boot, 256):
+        k = min(256, n_boot - s)
+        boot[s : s + k] = statistic(x[rng.integers(0, len(x), size=(k, len(x)))])
+    return boot
+
+
+def bootstrap_ci(x, n_boot: int = 2000, seed: int = 0,
+                 statistic: Callable[[np.ndarray], np.ndarray] = _mean_over_examples, level: float = 0.95) -> dict:
+    """``{"value", "ci_low", "ci_high", "n", "n_boot"}``: ``statistic`` of the examples ``x`` (``[n, ...]``) and its
+    percentile bootstrap CI at ``level`` (``n_boot`` replicates, ``seed``)."""
+    x = np.asarray(x, dtype=float)
+    if len(x) == 0 or n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"bootstrap_ci needs examples, n_boot >= 1 and 0 < level < 1; got {len(x)} examples, "
+                         f"n_boot={n_boot}, level={level}")
+    boot = bootstrap(x, n_boot, np.random.default_rng(seed), statistic)
+    tail = 100 * (1 - level) / 2
+    return {"value": float(statistic(x[None])[0]), "ci_low": float(np.percentile(boot, tail)),
+            "ci_high": float(np.percentile(boot, 100 - tail)), "n": len(x), "n_boot": n_boot}
+
+
 # -- paired comparison ------------------------------------------------------------------------------------------
 
 
@@ -133,10 +169,7 @@ def compare(results_a: EvalResults, results_b: EvalResults, n_boot: int = 10000,
         if not pairs:
             continue
         d = np.array([_correct(b, metric) - _correct(a, metric) for a, b in pairs])
-        boot = np.empty(n_boot)
-        for s in range(0, n_boot, 256):
-            k = min(256, n_boot - s)
-            boot[s : s + k] = d[rng.integers(0, len(d), size=(k, len(d)))].mean(1)
+        boot = bootstrap(d, n_boot, rng)
         boots.append(boot)
         agree = [a.get("chosen", a.get("pred")) == b.get("chosen", b.get("pred")) for a, b in pairs]
         rows[name] = {

@@ -24,10 +24,12 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+TokenFn = Callable[[int, int, torch.Tensor], None]  # (request index, first token index, log-probs [n, V])
 
 class RoutingStats:
     """Executed/total counts per routed layer, summed over forwards."""
@@ -142,14 +144,20 @@ def length_chunks(lengths: Sequence[int], max_tokens: int, forward_cost: float, 
     return chunks[::-1]
 
 
-def _continuation_scores(logits: torch.Tensor, where: torch.Tensor, conts: Sequence[Sequence[int]]):
+def _continuation_scores(logits: torch.Tensor, where: torch.Tensor, conts: Sequence[Sequence[int]],
+                         token_fn: TokenFn | None = None, ids: Sequence[int] = (), start: int = 0):
     """``[(sum log p, all greedy)]`` per continuation. ``logits`` ``[B, T, V]``; ``where`` ``[B, T]`` bool, True at the
-    positions that predict ``conts[b]``'s tokens, in order. Only those positions are normalised (logsumexp)."""
+    positions that predict ``conts[b]``'s tokens, in order. Only those positions are normalised (logsumexp).
+    ``token_fn(ids[b], start, log-probs [len(conts[b]), V])`` is called per continuation when given."""
     targets = torch.tensor([t for c in conts for t in c], device=logits.device)
     x = logits[where].float()  # [N, V]
-    lp = x.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(x, -1)
+    lse = torch.logsumexp(x, -1)
+    lp = x.gather(-1, targets[:, None])[:, 0] - lse
     hit = x.argmax(-1) == targets
     sizes = [len(c) for c in conts]
+    if token_fn is not None:
+        for i, piece in zip(ids, (x - lse[:, None]).split(sizes)):
+            token_fn(i, start, piece)
     return [(float(a.sum()), bool(b.all())) for a, b in zip(lp.split(sizes), hit.split(sizes))]
 
 
@@ -210,6 +218,7 @@ def loglikelihoods(
     stats: RoutingStats | None = None,
     desc: str = "loglikelihood",
     forward_cost: float | None = None,
+    token_fn: TokenFn | None = None,
 ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` per ``(context_enc, continuation_enc)`` request.
 
@@ -218,6 +227,9 @@ def loglikelihoods(
     so shorter sequences run more rows per forward (up to ``ROWS_PER_BATCH_SIZE * batch_size``). Forwards are cut by
     ``length_chunks`` (``forward_cost``: ``FORWARD_COST_TOKENS`` of the device) so that little of the work is padding.
     Results do not depend on the order of ``requests`` or on ``batch_size`` (up to float rounding).
+    token_fn: called as ``token_fn(i, start, logprobs)`` with the log-probabilities over the vocabulary
+        (``[n, V]`` float32) at the positions that predict tokens ``start .. start + n`` of request ``i``'s
+        continuation; a continuation may come in several pieces (e.g. its first token from the context's prefill).
     """
     device = model_device(model)
     if forward_cost is None:
@@ -247,7 +259,7 @@ def loglikelihoods(
                 stats.add(out)
             conts = [reqs[i][1] for i in chunk]
             where = torch.arange(K, device=device) >= K - torch.tensor([len(c) for c in conts], device=device)[:, None]
-            for i, score in zip(chunk, _continuation_scores(out.logits, where, conts)):
+            for i, score in zip(chunk, _continuation_scores(out.logits, where, conts, token_fn, chunk)):
                 results[i] = score
             pbar.update(len(chunk))
         pbar.close()
@@ -273,13 +285,14 @@ def loglikelihoods(
                 stats.add(out)
         contexts = sorted(family, key=lambda c: (-len(c), c))
         for block in length_chunks([len(c) for c in contexts], budget["context"], forward_cost, budget["max_rows"]):
-            _score_block(model, [contexts[k] for k in block], P, base, groups, reqs, results, budget, pad_id, stats)
+            _score_block(model, [contexts[k] for k in block], P, base, groups, reqs, results, budget, pad_id, stats,
+                         token_fn)
             pbar.update(sum(len(groups[contexts[k]]) for k in block))
     pbar.close()
     return results  # type: ignore[return-value]
 
 
-def _score_block(model, batch, P, base, groups, reqs, results, budget, pad_id, stats) -> None:
+def _score_block(model, batch, P, base, groups, reqs, results, budget, pad_id, stats, token_fn) -> None:
     """Score every request whose context is in ``batch`` (contexts sharing their first ``P`` tokens, whose cache is
     ``base``; ``P = 0``: nothing shared) into ``results``: one prefill of the contexts (after ``P``), then the
     choices' continuation tokens on rows of its cache, in forwards cut by ``length_chunks`` within ``budget``."""
@@ -295,7 +308,7 @@ def _score_block(model, batch, P, base, groups, reqs, results, budget, pad_id, s
     members = [(g, i) for g, c in enumerate(batch) for i in groups[c]]
     rows = torch.tensor([g for g, _ in members], device=device)
     first = _continuation_scores(out.logits[rows], torch.ones(len(members), 1, dtype=torch.bool, device=device),
-                                 [reqs[i][1][:1] for _, i in members])
+                                 [reqs[i][1][:1] for _, i in members], token_fn, [i for _, i in members])
     for (_, i), score in zip(members, first):
         results[i] = score
     # continuation pass: the choices sorted by length and cut by length_chunks, so little of it is padding;
@@ -315,7 +328,8 @@ def _score_block(model, batch, P, base, groups, reqs, results, budget, pad_id, s
         )
         if stats is not None:
             stats.add(out2, token_level_only=True)
-        rest = _continuation_scores(out2.logits, cmask.bool(), [reqs[i][1][1:] for _, i in chunk])
+        rest = _continuation_scores(out2.logits, cmask.bool(), [reqs[i][1][1:] for _, i in chunk], token_fn,
+                                    [i for _, i in chunk], start=1)
         for (_, i), (ll, greedy) in zip(chunk, rest):
             results[i] = (results[i][0] + ll, results[i][1] and greedy)
 
