@@ -79,11 +79,15 @@ def _cache_path(key: dict) -> Path:
 
 
 def resolve_shots(task, num_fewshot) -> int:
-    if num_fewshot is None:
+    """``task``'s few-shot count under :func:`evaluate`'s ``num_fewshot`` (None or a task missing from a dict: the
+    task's paper shots). Raises ``ValueError`` for anything but an integer >= 0."""
+    shots = num_fewshot.get(task.name) if isinstance(num_fewshot, dict) else num_fewshot
+    if shots is None:
         return task.num_fewshot
-    if isinstance(num_fewshot, dict):
-        return int(num_fewshot.get(task.name, task.num_fewshot))
-    return int(num_fewshot)
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 0:
+        raise ValueError(f"num_fewshot={shots!r} for task {task.name!r}: pass an integer >= 0 (0 = zero-shot), or "
+                         f"None for the paper's shots ({task.num_fewshot})")
+    return int(shots)
 
 
 def evaluate(
@@ -109,15 +113,16 @@ def evaluate(
         task, shots, limit, seed, share_context, max_length and harness version.
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
-    for n in names:
-        get_task(n)  # unknown tasks fail before any work
+    shots_of = {n: resolve_shots(get_task(n), num_fewshot) for n in names}  # bad tasks and shots fail before any work
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: pass an integer >= 1 (rows per forward; smaller uses less memory)")
     max_length = max_length or model_max_length(model, tokenizer)
     ident = model_fingerprint(model) if cache else None
     results: dict[str, TaskResult] = {}
     total = RoutingStats()
     for name in names:
         task = get_task(name)
-        shots = resolve_shots(task, num_fewshot)
+        shots = shots_of[name]
         key = {
             "version": HARNESS_VERSION, "model": ident, "task": name, "shots": shots, "limit": limit, "seed": seed,
             "share_context": share_context, "max_length": max_length,

@@ -84,11 +84,17 @@ class FewshotSampler:
     def sample(self, n: int, doc: dict) -> list[dict]:
         if n == 0:
             return []
-        pool = self.groups[self.task.fewshot_group(doc)] if self.groups else self.pool
-        if getattr(self.task, "fewshot_sampler", "default") == "first_n":
-            pool = [x for x in pool if x != doc] if self.exclude else pool
-            if n > len(pool):
-                raise ValueError(f"{self.task.name}: {n} few-shot examples requested, {len(pool)} available")
+        group = self.task.fewshot_group(doc) if self.groups else None
+        pool = self.groups[group] if self.groups else self.pool
+        first_n = getattr(self.task, "fewshot_sampler", "default") == "first_n"
+        if first_n and self.exclude:
+            pool = [x for x in pool if x != doc]
+        drawn = n + 1 if self.exclude and not first_n else n  # lm-eval draws one more and drops the evaluated doc
+        if drawn > len(pool):
+            where = f" of {group!r}" if group is not None else ""
+            raise ValueError(f"{self.task.name}: num_fewshot={n} needs {drawn} examples, its few-shot pool{where} "
+                             f"has {len(pool)}: pass num_fewshot <= {len(pool) - (drawn - n)} for this task")
+        if first_n:
             return pool[:n]
         if not self.exclude:
             return self.rnd.sample(pool, n)
