@@ -17,6 +17,7 @@ import contextlib
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -91,20 +92,28 @@ def prompt_pool(vocab_size: int, num_prompts: int, prompt_len: int, seed: int = 
     return torch.randint(low, vocab_size, (num_prompts, prompt_len), generator=g)
 
 
-def text_prompt_pool(tokenizer, texts, num_prompts: int, prompt_len: int) -> torch.Tensor:
-    """``[num_prompts, prompt_len]`` token ids of real text, for timing routed models on inputs that route like text.
+def text_prompt_pool(tokenizer, texts: Sequence[str], num_prompts: int, prompt_len: int) -> torch.Tensor:
+    """``[num_prompts, prompt_len]`` token ids of real text, for timing routed models on inputs that route as the
+    evaluation's do: one timing prompt per text (a sequence-level router decides on one prompt, so several texts are
+    never joined into one).
 
-    ``texts`` are tokenized without special tokens, joined by blank lines and cut into consecutive chunks; each chunk
-    starts with the ids the tokenizer adds to any text by default (e.g. Gemma's ``<bos>``; nothing for SmolLM2).
-    Raises ``ValueError`` when ``texts`` hold too few tokens (pass more texts).
+    Row ``i`` is ``texts[i]`` encoded as the evaluation encodes a context (the ids the tokenizer adds to any text,
+    e.g. Gemma's ``<bos>``, then the text), keeping the prefix and the last ``prompt_len - len(prefix)`` text tokens.
+    Raises ``ValueError`` when there are fewer than ``num_prompts`` texts or one is shorter than ``prompt_len``.
     """
     prefix = tokenizer("")["input_ids"]
     body = prompt_len - len(prefix)
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    if body < 1 or len(ids) < num_prompts * body:
-        raise ValueError(f"text_prompt_pool: {len(texts)} texts give {len(ids)} tokens; {num_prompts} prompts of "
-                         f"{prompt_len} tokens need {num_prompts * max(body, 1)}: pass more texts")
-    return torch.tensor([prefix + ids[i * body:(i + 1) * body] for i in range(num_prompts)])
+    if num_prompts < 1 or body < 1 or len(texts) < num_prompts:
+        raise ValueError(f"text_prompt_pool: {len(texts)} texts for num_prompts={num_prompts} prompts of "
+                         f"prompt_len={prompt_len} tokens (the tokenizer adds {len(prefix)}): pass at least "
+                         "num_prompts texts and num_prompts >= 1, prompt_len > the tokenizer's prefix")
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[:num_prompts]]
+    shortest = min(range(num_prompts), key=lambda i: len(rows[i]))
+    if len(rows[shortest]) < body:
+        raise ValueError(f"text_prompt_pool: text {shortest} has {len(rows[shortest]) + len(prefix)} tokens, fewer "
+                         f"than prompt_len={prompt_len}: pass longer texts (e.g. evaluation.task_prompts(..., "
+                         "num_fewshot=k) with more few-shot examples) or a smaller prompt_len")
+    return torch.tensor([prefix + r[len(r) - body:] for r in rows])
 
 
 def kv_cache_bytes(cache) -> int:

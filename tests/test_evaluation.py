@@ -330,6 +330,63 @@ def test_task_prompts_are_zero_shot_contexts_of_the_fewshot_split(fake_data):
         ev.task_prompts("piqa", 0)
 
 
+def test_bad_num_fewshot_and_batch_size_name_the_value(fake_data):
+    model, tok = tiny_model(), char_tokenizer()
+    with pytest.raises(ValueError, match=r"num_fewshot=-1 for task 'rte': pass an integer >= 0"):
+        ev.evaluate(model, tok, ["rte", "mmlu"], num_fewshot=-1, cache=False)
+    with pytest.raises(ValueError, match=r"num_fewshot=-2 for task 'piqa'"):
+        ev.evaluate(model, tok, ["mmlu", "piqa"], num_fewshot={"piqa": -2}, cache=False)
+    with pytest.raises(ValueError, match=r"num_fewshot=2.5 for task 'piqa'"):
+        ev.evaluate(model, tok, ["piqa"], num_fewshot=2.5, cache=False)
+    with pytest.raises(ValueError, match=r"batch_size=0: pass an integer >= 1"):
+        ev.evaluate(model, tok, ["piqa"], batch_size=0, cache=False)
+    assert fake_data == []  # all rejected before any data or model work
+    # more shots than the few-shot pool (12 rows): piqa draws n + 1 and drops the evaluated doc
+    with pytest.raises(ValueError, match=r"piqa: num_fewshot=12 needs 13 examples, its few-shot pool has 12: "
+                                         r"pass num_fewshot <= 11"):
+        ev.evaluate(model, tok, ["piqa"], num_fewshot=12, limit=2, cache=False)
+    # MMLU's first_n pool is the subject's dev examples (6 per subject here)
+    with pytest.raises(ValueError, match=r"mmlu: num_fewshot=7 needs 7 examples, its few-shot pool of '(algebra|anat"
+                                         r"omy)' has 6: pass num_fewshot <= 6"):
+        ev.evaluate(model, tok, ["mmlu"], num_fewshot=7, limit=2, cache=False)
+
+
+def test_acc_and_acc_norm_from_fixed_loglikelihoods(monkeypatch, tmp_path):
+    """Hand-computed acc / acc_norm from fixed log-likelihoods; acc_norm divides by the choice's characters."""
+    monkeypatch.setenv("ROUTERTUNE_CACHE", str(tmp_path))
+    rows = {
+        "piqa": [{"goal": "g0", "sol1": "ab", "sol2": "abcdefgh", "label": 1},
+                 {"goal": "g1", "sol1": "abcd", "sol2": "a", "label": 0},
+                 {"goal": "g2", "sol1": "xyz", "sol2": "xyzw", "label": 0}],
+        "winogrande": [{"sentence": f"Tom met Ann and _ smiled {i}.", "option1": "Tom", "option2": "Ann",
+                        "answer": a} for i, a in enumerate("211")],
+    }
+    monkeypatch.setattr(ev._data, "load_task", lambda name, split="eval", subject=None: datasets.Dataset.from_list(
+        rows[name]))
+    fixed = {"piqa": [-4.0, -8.0, -6.0, -2.0, -1.0, -5.0], "winogrande": [-3.0, -1.0, -2.0, -5.0, -4.0, -3.0]}
+    seen = {}
+
+    def fake_loglikelihoods(model, requests, desc, **kw):
+        seen[desc] = requests
+        return [(ll, False) for ll in fixed[desc]]
+
+    monkeypatch.setattr(ev.evaluator, "loglikelihoods", fake_loglikelihoods)
+    res = ev.evaluate(tiny_model(), char_tokenizer(), ["piqa", "winogrande"], num_fewshot=0, cache=False)
+    piqa = res.tasks["piqa"]
+    # acc: argmax of [-4, -8], [-6, -2], [-1, -5] = 0, 1, 0 against gold 1, 0, 0
+    # acc_norm: argmax of [-4/2, -8/8], [-6/4, -2/1], [-1/3, -5/4] = 1, 0, 0
+    assert [r["pred"] for r in piqa.records] == [0, 1, 0] and [r["pred_norm"] for r in piqa.records] == [1, 0, 0]
+    assert piqa.metrics == {"acc": 1 / 3, "acc_norm": 1.0} and piqa.score == 1.0
+    assert [r["chosen"] for r in piqa.records] == [1, 0, 0]  # the metric's (acc_norm) choice
+    # WinoGrande, partial scoring: one context per option (the sentence up to the blank, filled in), the rest of the
+    # sentence as the shared continuation; acc = argmax of [-3, -1], [-2, -5], [-4, -3] = 1, 0, 1 against 1, 0, 0
+    wino = res.tasks["winogrande"]
+    reqs = seen["winogrande"]
+    assert all(reqs[2 * i][1] == reqs[2 * i + 1][1] and reqs[2 * i][0] != reqs[2 * i + 1][0] for i in range(3))
+    assert [r["gold"] for r in wino.records] == [1, 0, 0] and [r["pred"] for r in wino.records] == [1, 0, 1]
+    assert wino.metrics["acc"] == 2 / 3 and wino.score == 2 / 3
+
+
 def _synthetic(correct: list[float]) -> ev.EvalResults:
     recs = [{"task": "piqa", "doc_id": i, "acc_norm": c, "acc": c, "chosen": int(c)} for i, c in enumerate(correct)]
     r = ev.TaskResult("piqa", "acc_norm", 0, len(recs), {"acc_norm": float(np.mean(correct))}, {}, 0.5, recs)
@@ -457,7 +514,7 @@ def test_fewshot_requests_equal_lm_eval_requests(name, tmp_path):
     shots = task.num_fewshot or 3
     theirs = agreement_script().lm_eval_requests(name, 30, 1234, shots, tmp_path)
     _, docs = ev.task_docs(name, 30, 1234)
-    ours = ev.build_requests(task, docs, shots, ev._fewshot_sampler(task, shots, 1234))
+    ours = ev.build_requests(task, docs, shots, ev.fewshot_sampler(task, shots, 1234))
     assert len(ours) == len(theirs) == 30
     for d, (mine, lm) in enumerate(zip(ours, theirs)):
         assert mine == lm, f"doc {d}"

@@ -86,12 +86,3 @@ def test_arithmetic_plus_is_the_additions_of_two_digit_numbers():
     for d in docs:
         a, op, b = d["question"].split()[1:4]
         assert op == "+" and int(a) < 100 and int(b) < 100 and int(a) + int(b) == int(d["answer"])
-
-
-def test_prompt_ids_keeps_the_last_tokens():
-    tok = char_tokenizer()
-    ids = ev.prompt_ids(tok, ["abcdef", "xyz"])
-    assert ids.shape == (2, 3) and tok.decode(ids[0]) == "def" and tok.decode(ids[1]) == "xyz"
-    assert ev.prompt_ids(tok, ["abcdef", "xyz"], 2).shape == (2, 2)
-    with pytest.raises(ValueError, match="shortest has 3"):
-        ev.prompt_ids(tok, ["abcdef", "xyz"], 4)

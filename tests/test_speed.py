@@ -7,14 +7,17 @@ from routertune_lib.speed import text_prompt_pool
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", pytest.param("gemma3-270m", marks=pytest.mark.model)])
-def test_text_prompt_pool_cuts_real_text_into_prompts_with_the_tokenizers_prefix(name):
+def test_text_prompt_pool_is_one_text_per_prompt_with_the_tokenizers_prefix(name):
     _, tok = tiny_random_model(name)
-    texts = [f"Question {i}: which of these is a fruit, an apple or a chair?" for i in range(20)]
+    texts = [f"Question {i}: which of these is a fruit, an apple or a chair? " * (i + 1) for i in range(4)]
     pool = text_prompt_pool(tok, texts, num_prompts=3, prompt_len=16)
     assert tuple(pool.shape) == (3, 16)
     prefix = tok("")["input_ids"]  # Gemma: [<bos>]; SmolLM2: []
-    assert all(row[: len(prefix)].tolist() == prefix for row in pool)
-    body = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
-    assert sum((row[len(prefix):].tolist() for row in pool), []) == body[: 3 * (16 - len(prefix))]
-    with pytest.raises(ValueError, match="pass more texts"):
-        text_prompt_pool(tok, texts[:1], num_prompts=3, prompt_len=16)
+    for row, text in zip(pool, texts):  # each row: the prefix, then the last tokens of its own text only
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        assert row.tolist() == prefix + body[len(body) - (16 - len(prefix)):]
+    with pytest.raises(ValueError, match="pass at least num_prompts texts"):
+        text_prompt_pool(tok, texts[:2], num_prompts=3, prompt_len=16)
+    longest = len(tok(texts[0], add_special_tokens=False)["input_ids"]) + len(prefix)
+    with pytest.raises(ValueError, match=f"text 0 has {longest} tokens, fewer than prompt_len={longest + 1}"):
+        text_prompt_pool(tok, texts, num_prompts=3, prompt_len=longest + 1)

@@ -10,19 +10,19 @@ from ..evaluation import PAPER_TASKS, compare, task_prompts
 from ..experiments import accuracy_table, comparison_frame, load_base_model, overall_skip, profile_train_config
 from ..paper import PAPER_MODELS, PAPER_TABLE5
 from ..plots import baseline, ci_yerr, save_figure
-from ..speed import text_prompt_pool
-from .protocol import CAPACITY, Study, evaluate_setting, mindskip_config, resolved, shots_label, tuned_run
+from .protocol import (CAPACITY, Study, evaluate_setting, mindskip_config, resolved, shots_label, timing_pool,
+                       tuned_run)
 
 NAME = "06_across_models"
 SETTINGS = {  # models, evaluation and timing sizes; tuning budget from experiments.PROFILES (shared by notebooks)
     "smoke": dict(models=["tiny-random-smollm2-135m", "tiny-random-gemma3-270m"], tasks=["piqa", "boolq"], shots=0,
-                  limit=8, calib_per_layer=True, timing_texts=16,
+                  limit=8, calib_per_layer=True,
                   speed=dict(batch_size=2, prompt_len=16, num_prompts=2, new_tokens=4, repeats=1)),
     "cpu": dict(models=["smollm2-135m", "gemma3-270m"], tasks=["piqa", "arc_challenge", "openbookqa"], shots=0,
-                limit=120, calib_per_layer=False, timing_texts=96,
+                limit=120, calib_per_layer=False,
                 speed=dict(batch_size=4, prompt_len=128, num_prompts=4, new_tokens=16, repeats=2)),
     "paper": dict(models=[PAPER_MODELS[m]["hub_id"] for m in PAPER_TABLE5], tasks=list(PAPER_TASKS), shots=None,
-                  limit=None, calib_per_layer=True, timing_texts=4096,
+                  limit=None, calib_per_layer=True,
                   speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=3)),
 }
 PAPER_NAME = {v["hub_id"]: k for k, v in PAPER_MODELS.items()}  # hub id -> the paper's model name
@@ -34,8 +34,7 @@ def run(profile: str) -> Study:
     study = Study.start(NAME, profile, SETTINGS)
     P, S = study.profile_settings, study.settings
     train_config = profile_train_config(profile)
-    prompts = task_prompts(S["tasks"], P["calib_samples"] + S["timing_texts"])  # 0-shot, the tasks' training splits
-    calibration, timing_texts = prompts[: P["calib_samples"]], prompts[P["calib_samples"] :]  # timing text: unseen
+    calibration = task_prompts(S["tasks"], P["calib_samples"])  # 0-shot contexts, the tasks' training splits
     print(f"profile {profile}: models {S['models']}; tuning {P['train_samples']} conversations (max_length "
           f"{P['max_length']}, lr {P['lr']}); calibration {len(calibration)} unlabelled task prompts "
           f"({'per layer' if S['calib_per_layer'] else 'one global threshold'}); tasks {S['tasks']}, "
@@ -45,7 +44,7 @@ def run(profile: str) -> Study:
         model, tokenizer = load_base_model(name)
         N = model.config.num_hidden_layers
         dense = evaluate_setting(model, tokenizer, S)
-        pool = text_prompt_pool(tokenizer, timing_texts, S["speed"]["num_prompts"], S["speed"]["prompt_len"])
+        pool = timing_pool(tokenizer, S["tasks"], S["speed"])
         r = tuned_run(name, model, tokenizer, mindskip_config(N), train_config, S, calibration,
                       num_samples=P["train_samples"], timing_pool=pool)
         tuning[name], speed[name] = r.record, r.speed

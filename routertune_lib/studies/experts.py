@@ -17,8 +17,7 @@ from ..moe import (attach_expert_drop, expert_drop_plan, expert_router_config, e
 from ..paper import PAPER_FIGURE8, PAPER_TABLE7
 from ..plots import save_figure
 from ..routing import load_routers, routed_layers
-from ..speed import text_prompt_pool
-from .protocol import CALIB_MAX_LENGTH, Study, calibrate, evaluate_setting, shots_label
+from .protocol import CALIB_MAX_LENGTH, Study, calibrate, evaluate_setting, shots_label, timing_pool
 
 NAME = "08_moe"
 RANDOM = "mechanics only, random weights"
@@ -72,7 +71,7 @@ def run(profile: str) -> Study:
         calibrate(routed, calibration, capacity, False, tokenizer)
         results = {"dense": evaluate_setting(model, tokenizer, S), "Expert Drop": evaluate_setting(drop, tokenizer, S),
                    "Router-Tuning": evaluate_setting(routed, tokenizer, S)}
-        speed_prompts = text_prompt_pool(tokenizer, prompts, S["speed"]["num_prompts"], S["speed"]["prompt_len"])
+        speed_prompts = timing_pool(tokenizer, S["tasks"], S["speed"])
         speed = measure_speedups(model, {"Expert Drop": drop, "Router-Tuning": routed}, speed_prompts,
                                  **S["speed"]).set_index("setting")
         tables.append(_table7_rows(results, speed, label, PAPER_TABLE7[spec["paper"]], spec["paper"]))

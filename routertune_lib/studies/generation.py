@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..evaluation import compare, evaluate, prompt_ids, task_prompts
+from ..evaluation import compare, evaluate, task_prompts
 from ..experiments import (conversation_batches, load_base_model, measure_speedups, overall_skip,
                            profile_train_config, routed_copy, router_record, tuned_routers)
 from ..paper import PAPER_FIGURE3
 from ..plots import baseline, ci_yerr, save_figure
 from ..routing import load_routers
+from ..speed import text_prompt_pool
 from .protocol import CALIB_MAX_LENGTH, Study, calibrate, mindskip_config, resolved
 
 NAME = "03_generation_vs_attention_drop"
@@ -32,8 +33,8 @@ LABELS = {"attn_drop": "static attention drop (LLM-Drop)", "router": "Router-Tun
 
 def timing_prompts(tokenizer, S: dict):
     """``[speed_prompts, prompt_len]`` token ids of few-shot task prompts (unseen by calibration) for timing."""
-    return prompt_ids(tokenizer, task_prompts(S["task"], S["speed_prompts"], seed=1, num_fewshot=S["shots"]),
-                      S["prompt_len"])
+    texts = task_prompts(S["task"], S["speed_prompts"], seed=1, num_fewshot=S["shots"])
+    return text_prompt_pool(tokenizer, texts, S["speed_prompts"], S["prompt_len"])
 
 
 def run(profile: str) -> Study:

@@ -11,8 +11,7 @@ from ..experiments import accuracy_table, load_base_model, overall_skip, paper_t
 from ..paper import PAPER_TABLE2
 from ..plots import diff_bars, save_figure
 from ..routing import RouterConfig
-from ..speed import text_prompt_pool
-from .protocol import CAPACITY, Study, evaluate_setting, mindskip_config, shots_label, tuned_run
+from .protocol import CAPACITY, Study, evaluate_setting, mindskip_config, shots_label, timing_pool, tuned_run
 
 NAME = "01_granularity"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -38,10 +37,8 @@ def run(profile: str) -> Study:
     model, tokenizer = load_base_model(P["model"])
     N = model.config.num_hidden_layers
     train_config = profile_train_config(profile)
-    prompts = task_prompts(S["tasks"], 2 * P["calib_samples"])  # 0-shot contexts from the tasks' training splits
-    calibration, timing_texts = prompts[: P["calib_samples"]], prompts[P["calib_samples"] :]  # timing text: unseen
-    # generation is timed on real text (random token ids do not route like text)
-    timing_pool = text_prompt_pool(tokenizer, timing_texts, S["speed"]["num_prompts"], S["speed"]["prompt_len"])
+    calibration = task_prompts(S["tasks"], P["calib_samples"])  # 0-shot contexts from the tasks' training splits
+    pool = timing_pool(tokenizer, S["tasks"], S["speed"])
     results = {"dense": evaluate_setting(model, tokenizer, S)}
     print(f"{N} layers; routed: {RouterConfig(num_layers=N // 2).resolve_layers(N)}")
     runs = {}
@@ -49,7 +46,7 @@ def run(profile: str) -> Study:
         name = f"{target}_{level}"
         r = runs[name] = tuned_run(P["model"], model, tokenizer, mindskip_config(N, target=target, level=level),
                                    train_config, S, calibration, num_samples=P["train_samples"],
-                                   timing_pool=timing_pool, name=name)
+                                   timing_pool=pool, name=name)
         results[name] = r.results
         print(f"{name:15s} tuned in {r.record['wall_time_s']:.0f} s (training capacity "
               f"{r.record['final_capacity']:.2f}); eval executed {r.results.routing['overall']:.2f}; "

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluation import EvalResults, evaluate
+from ..evaluation import EvalResults, evaluate, task_prompts
 from ..experiments import measure_speedups, profile_settings, routed_copy, router_record, tuned_routers
 from ..reporting import results_dir, run_info, write_json, write_table
 from ..routing import RouterConfig
+from ..speed import text_prompt_pool
 from ..training import calibrate_thresholds
 
 CAPACITY = 0.5  # the paper's target capacity of the routed layers
 CALIB_MAX_LENGTH = 2048  # calibration prompts are scored whole, as the evaluation scores them
+TIMING_SHOTS = 10  # timing prompts are 10-shot task prompts: long enough for the profiles' prompt lengths
 
 
 def settings_for(settings: dict, profile: str) -> dict:
@@ -42,6 +44,14 @@ def mindskip_config(num_hidden_layers: int, num_layers: int | None = None, capac
     but the last, target ``capacity``, capacity weight 0.1 (the configuration every study's cached routers share)."""
     n = num_hidden_layers // 2 if num_layers is None else num_layers
     return RouterConfig(target=target, level=level, num_layers=n, capacity=capacity, capacity_weight=0.1)
+
+
+def timing_pool(tokenizer, tasks, speed: dict):
+    """``[num_prompts, prompt_len]`` token ids for timing generation (``speed``: a study's speed settings): one
+    ``TIMING_SHOTS``-shot prompt of ``tasks`` per timing prompt (seed 1, so not the calibration prompts); real task
+    text, since random token ids do not route like text."""
+    texts = task_prompts(tasks, speed["num_prompts"], seed=1, num_fewshot=TIMING_SHOTS)
+    return text_prompt_pool(tokenizer, texts, speed["num_prompts"], speed["prompt_len"])
 
 
 def evaluate_setting(model, tokenizer, S: dict) -> EvalResults:

@@ -18,8 +18,8 @@ from ..experiments import (accuracy_table, comparison_frame, conversation_batche
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
 from ..plots import baseline, ci_yerr, save_figure
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
-from ..speed import text_prompt_pool
-from .protocol import CALIB_MAX_LENGTH, Study, calibrate, evaluate_setting, mindskip_config, resolved, shots_label
+from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, evaluate_setting, mindskip_config, resolved, shots_label,
+                       timing_pool)
 
 NAME = "02_speed_accuracy"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -52,10 +52,9 @@ def run(profile: str) -> Study:
     N = model.config.num_hidden_layers
     train_config = profile_train_config(profile)
     n = P["calib_samples"]
-    prompts = task_prompts(S["tasks"], 3 * n)  # 0-shot contexts from the tasks' training splits
-    calibration, probe, timing_texts = prompts[:n], prompts[n : 2 * n], prompts[2 * n :]  # probe: Figure 4, unseen
-    # generation is timed on real text (random token ids do not route like text)
-    timing_pool = text_prompt_pool(tokenizer, timing_texts, S["speed"]["num_prompts"], S["speed"]["prompt_len"])
+    prompts = task_prompts(S["tasks"], 2 * n)  # 0-shot contexts from the tasks' training splits
+    calibration, probe = prompts[:n], prompts[n:]  # probe: Figure 4, unseen
+    pool = timing_pool(tokenizer, S["tasks"], S["speed"])
     paths = {t: tuned_routers(P["model"], mindskip_config(N, target=t), train_config,
                               num_samples=P["train_samples"], model=model, tokenizer=tokenizer)
              for t in ("attn", "mlp")}
@@ -68,7 +67,7 @@ def run(profile: str) -> Study:
     study.info.update(num_hidden_layers=N, routed_layers=layers, dropped_at_figure2=k)
 
     routed = load_routers(copy.deepcopy(model), paths["attn"])
-    evals = _sweep(study, model, tokenizer, routed, dense, importance, layers, calibration, timing_pool)
+    evals = _sweep(study, model, tokenizer, routed, dense, importance, layers, calibration, pool)
     _figure2(study, model, tokenizer, paths["mlp"], dense, evals, importance, layers, calibration)
     _figure4(study, routed, tokenizer, importance, layers, k, calibration, probe)
     study.finish(train_config=train_config.to_dict(), router_checkpoints={t: str(p) for t, p in paths.items()},
