@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import numbers
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -49,6 +52,23 @@ LEVELS = ("sequence", "token")
 MODES = ("real", "masked")
 EXPERTS = "experts"  # RouterConfig.target of Mixture-of-Experts expert routers (token level; see routertune_lib.moe)
 CHECKPOINT_FORMAT = "routertune-routers/1"
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a finite float: Python, numpy or 0-d tensor numbers (not bools or strings); ``ValueError``
+    naming ``name`` otherwise."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__}); pass e.g. 0.5")
+    return float(value)
+
+
+def _index(value, name: str) -> int:
+    """``value`` as a non-negative int (Python or numpy integers, not bools); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 @dataclass
@@ -83,18 +103,26 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
         if self.num_layers is not None and self.layers is not None:
             raise ValueError("RouterConfig: give either num_layers or layers, not both")
-        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+        if self.num_layers is not None and (
+            isinstance(self.num_layers, bool) or not isinstance(self.num_layers, numbers.Integral) or self.num_layers < 1
+        ):
             raise ValueError(f"RouterConfig.num_layers must be an integer >= 1, got {self.num_layers!r}")
+        if self.num_layers is not None:
+            self.num_layers = int(self.num_layers)
         if self.layers is not None:
-            if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
+            if isinstance(self.layers, (str, bytes)) or not self.layers:
                 raise ValueError(f"RouterConfig.layers must be a non-empty list of 0-based indices, got {self.layers!r}")
+            self.layers = [_index(i, f"each of RouterConfig.layers {self.layers!r}") for i in self.layers]
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"RouterConfig.layers has duplicates: {self.layers!r}")
             self.layers = sorted(self.layers)
+        self.threshold = _real(self.threshold, "RouterConfig.threshold")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"RouterConfig.threshold must be in [0, 1], got {self.threshold!r}")
+        self.capacity = _real(self.capacity, "RouterConfig.capacity")
         if not 0.0 < self.capacity <= 1.0:
             raise ValueError(f"RouterConfig.capacity must be in (0, 1], got {self.capacity!r}")
+        self.capacity_weight = _real(self.capacity_weight, "RouterConfig.capacity_weight")
         if self.capacity_weight < 0:
             raise ValueError(f"RouterConfig.capacity_weight must be >= 0, got {self.capacity_weight!r}")
 
@@ -583,13 +611,35 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [layer.router.weight for layer in routed_layers(model).values() if layer.router is not None]
 
 
-def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
-    """Set the decision threshold globally (a float) or per routed layer (``{layer: threshold}``)."""
-    for i, layer in routed_layers(model).items():
-        t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(i, layer.routing.threshold)
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold for layer {i} must be in [0, 1], got {t!r}")
-        layer.routing = replace(layer.routing, threshold=float(t))
+def _threshold(value, name: str) -> float:
+    t = _real(value, name)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return t
+
+
+def _layer_key(key) -> int:
+    """A per-layer threshold key: an int, or its digit string (what a JSON round trip makes of int keys)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return _index(key, "a threshold's layer key")
+
+
+def set_thresholds(model: nn.Module, thresholds: float | Mapping[int | str, float]) -> None:
+    """Set the decision threshold globally (a number) or per routed layer (``{layer: threshold}``; layers left out
+    keep theirs). Numbers may be numpy or 0-d tensor scalars; keys may be digit strings (``calibrate_thresholds``'
+    output after a JSON round trip). A key that is not a routed layer raises ``ValueError``."""
+    layers = routed_layers(model)
+    if isinstance(thresholds, Mapping):
+        per_layer = {_layer_key(k): _threshold(t, f"threshold for layer {k!r}") for k, t in thresholds.items()}
+        unrouted = sorted(set(per_layer) - set(layers))
+        if unrouted:
+            raise ValueError(f"thresholds given for layers {unrouted}, which are not routed; routed layers: "
+                             f"{sorted(layers)}")
+    else:
+        per_layer = dict.fromkeys(layers, _threshold(thresholds, "threshold"))
+    for i, t in per_layer.items():
+        layers[i].routing = replace(layers[i].routing, threshold=t)
 
 
 def set_routing_mode(model: nn.Module, mode: str) -> None:

@@ -2,7 +2,9 @@
 KV-cache compaction, checkpoints."""
 
 import itertools
+import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, left_padded_batch, tiny_model
@@ -60,11 +62,60 @@ def real_positions(logits, mask):
         (dict(num_layers=0), "num_layers must be an integer >= 1"),
         (dict(num_layers=2, layers=[1]), "either num_layers or layers"),
         (dict(layers=[1, 1]), "duplicates"),
+        (dict(capacity_weight=float("nan")), "capacity_weight must be a finite number"),
+        (dict(capacity_weight=float("inf")), "capacity_weight must be a finite number"),
+        (dict(capacity=float("nan")), "capacity must be a finite number"),
+        (dict(threshold="0.5"), "threshold must be a finite number, got '0.5'"),
+        (dict(threshold=True), "threshold must be a finite number, got True"),
+        (dict(num_layers=True), "num_layers must be an integer >= 1, got True"),
+        (dict(num_layers=2.0), "num_layers must be an integer >= 1, got 2.0"),
+        (dict(layers=[True, 2]), r"layers .* must be a non-negative integer, got True"),
+        (dict(layers="12"), "layers must be a non-empty list"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RouterConfig(**kwargs)
+
+
+def test_config_accepts_numpy_and_tensor_scalars_as_plain_numbers(tmp_path):
+    config = RouterConfig(threshold=np.float32(0.25), capacity=torch.tensor(0.5), num_layers=np.int64(2))
+    assert (type(config.threshold), type(config.capacity), type(config.num_layers)) == (float, float, int)
+    assert RouterConfig(layers=[np.int64(3), 1]).layers == [1, 3]
+    model = tiny_model()
+    attach_routers(model, config)
+    path = save_routers(model, tmp_path / "r.safetensors")  # was: float32 is not JSON serializable
+    fresh = load_routers(tiny_model(), path)
+    assert {i: l.routing.threshold for i, l in routed_layers(fresh).items()} == {3: 0.25, 4: 0.25}
+
+
+def test_set_thresholds_accepts_json_round_trip_and_scalars_and_rejects_unrouted_layers():
+    model = tiny_model()
+    attach_routers(model, RouterConfig(layers=[2, 4]))
+
+    def thresholds():
+        return {i: layer.routing.threshold for i, layer in routed_layers(model).items()}
+
+    set_thresholds(model, json.loads(json.dumps({2: 0.7, 4: 0.2})))  # keys become '2', '4'
+    assert thresholds() == {2: 0.7, 4: 0.2}
+    set_thresholds(model, {np.int64(4): np.float32(0.25)})
+    assert thresholds() == {2: 0.7, 4: 0.25}
+    set_thresholds(model, torch.tensor(0.125))
+    assert thresholds() == {2: 0.125, 4: 0.125}
+    set_thresholds(model, np.float64(0.375))
+    assert thresholds() == {2: 0.375, 4: 0.375}
+    for bad, message in [
+        ({99: 0.7}, r"layers \[99\], which are not routed; routed layers: \[2, 4\]"),
+        ({"3": 0.7, 2: 0.1}, r"layers \[3\], which are not routed"),
+        ({"two": 0.7}, "layer key must be a non-negative integer, got 'two'"),
+        ({2: "0.5"}, "threshold for layer 2 must be a finite number, got '0.5'"),
+        ({2: 1.5}, r"threshold for layer 2 must be in \[0, 1\], got 1.5"),
+        ("0.5", "threshold must be a finite number, got '0.5'"),
+        (float("nan"), "threshold must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            set_thresholds(model, bad)
+    assert thresholds() == {2: 0.375, 4: 0.375}  # a rejected call changes nothing
 
 
 def test_routed_layers_are_the_deepest_except_the_last():
