@@ -663,8 +663,11 @@ def routing_mode(model: nn.Module, mode: str):
 def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the routers to one safetensors file (weights, ``RouterConfig``, thresholds, base-model identity).
 
-    The file is written atomically (temporary file, then rename).
+    The file is written atomically (temporary file, then rename); ``path`` must not be a directory.
     """
+    if Path(path).is_dir():
+        raise ValueError(f"save_routers writes one file, but {path} is a directory; pass a file path such as "
+                         f"{Path(path) / 'routers.safetensors'}")
     setup = _setup(model)
     layers = routed_layers(model)
     tensors = {

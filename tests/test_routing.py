@@ -324,6 +324,23 @@ def test_save_load_round_trip(tmp_path, batch):
     torch.testing.assert_close(got, expected)
 
 
+def test_save_routers_to_a_directory_fails_clearly_and_leaves_nothing(tmp_path):
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(num_layers=2))
+    with pytest.raises(ValueError, match=r"is a directory; pass a file path such as .*routers\.safetensors"):
+        save_routers(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_rename_fails(tmp_path):
+    from routertune_lib.reporting import write_atomic
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(tmp_path / "taken", b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
 def test_loading_a_checkpoint_into_another_model_fails(tmp_path):
     model = tiny_model("llama")
     attach_routers(model, RouterConfig(num_layers=2))
