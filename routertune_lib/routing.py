@@ -20,13 +20,16 @@ Two execution modes compute that last line:
   ``keep = hard + score - score.detach()`` passes gradient to the router even when every input is executed.
 
 Sequence-level decisions are made at prefill and stored in the KV cache layer, so every decode step reuses its
-sequence's prefill decision. Decisions and statistics of one forward travel in a ``RoutingContext`` that a forward
+sequence's prefill decision. Without a cache there is nowhere to keep it, so ``generate(use_cache=False)`` on a
+sequence-routed model raises (each step would re-decide on prompt + generated tokens). Routed models run with
+``DynamicCache`` (generate's default) only; static, offloaded and quantized caches raise. Decisions and statistics of one forward travel in a ``RoutingContext`` that a forward
 pre-hook passes to the layers and a forward hook returns as ``output.routing`` (a ``RoutingTrace``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -40,7 +43,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchSpec, arch_spec, decoder_layers
@@ -529,6 +532,15 @@ class RoutingSetup:
 
 
 def _routing_pre_hook(model, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values", args[3] if len(args) > 3 else None))
+    layer_routers = model.routertune.module_path is None  # expert routers (moe) leave the cache alone
+    if layer_routers and cache is not None and not (type(cache) is DynamicCache and not cache.offloading):
+        raise ValueError(
+            f"Routed models support only a DynamicCache (generate's default, cache_implementation='dynamic'), "
+            f"not {type(cache).__name__}{' with offloading' if type(cache) is DynamicCache else ''}: routed layers "
+            "store per-sequence decisions and compact K/V in their cache layers. Drop cache_implementation / pass "
+            "a DynamicCache()."
+        )
     if "routing_context" not in kwargs:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         kwargs["routing_context"] = RoutingContext(model.routertune.mode, mask, RoutingTrace())
@@ -540,12 +552,26 @@ def _routing_post_hook(model, args, kwargs, output):
     return output
 
 
+def _generate_keeping_decisions(model, *args, **kwargs):
+    """``model.generate`` of a model with sequence-level routers: refuses ``use_cache=False``, under which every step
+    would re-decide on the prompt plus the tokens generated so far instead of keeping the prefill decision."""
+    config = kwargs.get("generation_config") or model.generation_config
+    if not kwargs.get("use_cache", config.use_cache):
+        raise ValueError(
+            "generate(use_cache=False) is not supported with sequence-level routers: the decision made on the "
+            "prompt is kept in the KV cache for every decode step, and without a cache each step would re-decide "
+            "on the prompt plus the generated tokens. Generate with use_cache=True (the default)."
+        )
+    return type(model).generate(model, *args, **kwargs)
+
+
 def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool = False) -> nn.Module:
     """Add a zero-initialised ``Linear(d, 1, bias=False)`` router to each routed layer, in place; returns ``model``.
 
     With ``static_drop=True`` the selected layers get no router and are always skipped (the paper's Layer Drop /
     Attention Drop baseline), through the same real-skip path.
     Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly the dense model.
+    With sequence-level routers, ``model.generate`` refuses ``use_cache=False`` (the cache keeps the prefill decision).
     ``config.target == "experts"`` attaches expert routers to the MoE blocks instead (``moe.attach_expert_routers``).
     """
     if getattr(model, "routertune", None) is not None:
@@ -574,6 +600,8 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
         model.register_forward_hook(_routing_post_hook, with_kwargs=True),
     ]
     model.routertune = setup
+    if config.level == "sequence":
+        model.generate = functools.partial(_generate_keeping_decisions, model)
     return model
 
 
@@ -585,6 +613,7 @@ def detach_routers(model: nn.Module) -> nn.Module:
     for layer in routed_layers(model).values():
         del layer.router, layer.routing
         layer.__class__ = type(layer).__bases__[1]
+    model.__dict__.pop("generate", None)
     model.routertune = None
     return model
 

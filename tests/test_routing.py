@@ -377,3 +377,47 @@ def test_real_equals_masked_on_bundled_models(name, target, level):
         real_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(real_positions(real, mask), real_positions(ref, mask), rtol=1e-4, atol=1e-4)
     assert torch.equal(real_gen, ref_gen)
+
+
+# -- caches ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_generate_without_cache_refuses_sequence_routing(target, batch):
+    ids, mask = batch
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with pytest.raises(ValueError, match=r"use_cache=False\) is not supported with sequence-level routers"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match="use_cache=True"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    detach_routers(model)
+    assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_token_routing_generates_the_same_with_and_without_cache(target, batch):
+    ids, mask = batch
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "arch, level, cache_implementation",
+    [("llama", "sequence", "static"), ("llama", "token", "static"), ("gemma3", "sequence", "static"),
+     ("gemma3", "token", "static"), ("llama", "sequence", "offloaded")],
+)
+def test_unsupported_caches_are_named(arch, level, cache_implementation, batch):
+    ids, mask = batch
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target="attn", level=level, num_layers=3))  # zero routers
+    with pytest.raises(ValueError, match="support only a DynamicCache .*cache_implementation='dynamic'"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       cache_implementation=cache_implementation)
