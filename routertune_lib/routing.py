@@ -258,10 +258,23 @@ class RoutedCacheMixin:
 
 
 def _mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
-    """``class Routed<cls>(mixin, cls)``, made once per pair."""
+    """``class Routed<cls>(mixin, cls)``, made once per pair; its instances pickle through the pair."""
     if (mixin, cls) not in _made:
-        _made[mixin, cls] = type(f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        _made[mixin, cls] = type(
+            f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__, "__reduce_ex__": _reduce_mixed}
+        )
     return _made[mixin, cls]
+
+
+def _new_mixed(mixin: type, cls: type):
+    """An empty instance of ``_mixed_class(mixin, cls)``; pickle fills in its state."""
+    made = _mixed_class(mixin, cls)
+    return made.__new__(made)
+
+
+def _reduce_mixed(self, protocol):
+    """Pickle a made class's instance as (its pair, its state): the made class is not importable by name."""
+    return _new_mixed, type(self).__bases__, self.__getstate__()
 
 
 def _cache_layer(cache, layer_idx: int):
@@ -565,6 +578,20 @@ def _generate_keeping_decisions(model, *args, **kwargs):
     return type(model).generate(model, *args, **kwargs)
 
 
+def _router_record(model: nn.Module) -> dict:
+    """The routers' settings besides their weights: checkpoint format, ``RouterConfig``, static drop, thresholds."""
+    setup = _setup(model)
+    thresholds = {str(i): layer.routing.threshold for i, layer in routed_layers(model).items()}
+    return {"format": CHECKPOINT_FORMAT, "config": asdict(setup.config), "static_drop": setup.static,
+            "thresholds": thresholds}
+
+
+def _record_in_config(model: nn.Module) -> None:
+    """Keep ``model.config.routertune`` equal to the router record, so ``save_pretrained`` writes it to config.json
+    (the router weights are in the state dict) and ``models.load_model`` re-attaches the routers."""
+    model.config.routertune = _router_record(model)
+
+
 def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool = False) -> nn.Module:
     """Add a zero-initialised ``Linear(d, 1, bias=False)`` router to each routed layer, in place; returns ``model``.
 
@@ -579,7 +606,9 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
     if config.target == EXPERTS:
         from .moe import attach_expert_routers
 
-        return attach_expert_routers(model, config, static_drop=static_drop)
+        attach_expert_routers(model, config, static_drop=static_drop)
+        _record_in_config(model)
+        return model
     arch = arch_spec(model)
     layers = decoder_layers(model)
     indices = config.resolve_layers(len(layers))
@@ -602,6 +631,7 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
     model.routertune = setup
     if config.level == "sequence":
         model.generate = functools.partial(_generate_keeping_decisions, model)
+    _record_in_config(model)
     return model
 
 
@@ -614,6 +644,7 @@ def detach_routers(model: nn.Module) -> nn.Module:
         del layer.router, layer.routing
         layer.__class__ = type(layer).__bases__[1]
     model.__dict__.pop("generate", None)
+    model.config.__dict__.pop("routertune", None)
     model.routertune = None
     return model
 
@@ -669,6 +700,8 @@ def set_thresholds(model: nn.Module, thresholds: float | Mapping[int | str, floa
         per_layer = dict.fromkeys(layers, _threshold(thresholds, "threshold"))
     for i, t in per_layer.items():
         layers[i].routing = replace(layers[i].routing, threshold=t)
+    if getattr(model.config, "routertune", None) is not None:  # expert drop plans are not recorded
+        _record_in_config(model)
 
 
 def set_routing_mode(model: nn.Module, mode: str) -> None:
@@ -697,20 +730,13 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     if Path(path).is_dir():
         raise ValueError(f"save_routers writes one file, but {path} is a directory; pass a file path such as "
                          f"{Path(path) / 'routers.safetensors'}")
-    setup = _setup(model)
-    layers = routed_layers(model)
     tensors = {
         f"layers.{i}.router.weight": layer.router.weight.detach().float().cpu().contiguous()
-        for i, layer in layers.items()
+        for i, layer in routed_layers(model).items()
         if layer.router is not None
     }
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(asdict(setup.config)),
-        "static_drop": json.dumps(setup.static),
-        "thresholds": json.dumps({str(i): layer.routing.threshold for i, layer in layers.items()}),
-        "base_model": json.dumps(model_identity(model)),
-    }
+    record = {**_router_record(model), "base_model": model_identity(model)}
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
     return write_atomic(path, safetensors_bytes(tensors if tensors else {"empty": torch.zeros(0)}, metadata=metadata))
 
 
@@ -748,4 +774,38 @@ def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if layer.router is not None:
             layer.router.weight.data.copy_(tensors[f"layers.{i}.router.weight"])
     set_thresholds(model, {int(i): t for i, t in json.loads(metadata["thresholds"]).items()})
+    return model
+
+
+def restore_routers(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Re-attach the routers of a routed model saved with ``save_pretrained`` to ``directory``: settings from
+    ``model.config.routertune`` (config.json), weights from the directory's ``*.safetensors`` files. Returns
+    ``model``; a model whose config has no ``routertune`` entry is returned unchanged. ``models.load_model`` calls it.
+    """
+    from safetensors import safe_open
+
+    record = getattr(model.config, "routertune", None)
+    if record is None:
+        return model
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}/config.json has a 'routertune' entry that is not a {CHECKPOINT_FORMAT!r} "
+                         f"router record: {record!r:.200}")
+    del model.config.routertune  # attach_routers writes it again
+    attach_routers(model, RouterConfig.from_dict(record["config"]), static_drop=record["static_drop"])
+    names = {module: name for name, module in model.named_modules()}
+    wanted = {f"{names[layer.router]}.weight": layer.router.weight
+              for layer in routed_layers(model).values() if layer.router is not None}
+    found = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in wanted.keys() & set(f.keys())})
+    missing = sorted(wanted.keys() - found.keys())
+    if missing:
+        detach_routers(model)
+        raise ValueError(f"{directory}/config.json describes routers, but its safetensors files lack {missing}; "
+                         "save the routed model again with save_pretrained")
+    with torch.no_grad():
+        for k, weight in wanted.items():
+            weight.copy_(found[k])
+    set_thresholds(model, record["thresholds"])
     return model

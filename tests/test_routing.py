@@ -421,3 +421,92 @@ def test_unsupported_caches_are_named(arch, level, cache_implementation, batch):
     with pytest.raises(ValueError, match="support only a DynamicCache .*cache_implementation='dynamic'"):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                        cache_implementation=cache_implementation)
+
+
+# -- saving the whole routed model ---------------------------------------------------------------------------------
+
+
+def save_with_tokenizer(model, path):
+    """``save_pretrained`` the model with a two-token tokenizer, so ``models.load_model`` can read the directory."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        pad_token="<pad>", unk_token="<unk>")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def routing_state(model):
+    return model.routertune.config, model.routertune.static, {
+        i: (layer.routing.threshold, None if layer.router is None else layer.router.weight.detach().clone())
+        for i, layer in routed_layers(model).items()
+    }
+
+
+@pytest.mark.parametrize("arch, target, level", [("llama", "attn", "sequence"), ("gemma3", "block", "token")])
+def test_save_pretrained_round_trips_through_load_model(tmp_path, arch, target, level, batch):
+    from routertune_lib.models import load_model
+
+    ids, mask = batch
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    mixed_routers(model, ids, mask)  # random weights, a different threshold per layer
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask)
+        expected_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    loaded, _ = load_model(str(save_with_tokenizer(model, tmp_path / "m")), device="cpu", dtype="float32")
+    config, static, layers = routing_state(model)
+    got_config, got_static, got_layers = routing_state(loaded)
+    assert (got_config, got_static) == (config, static)
+    assert got_layers.keys() == layers.keys()
+    for i, (threshold, weight) in layers.items():
+        assert got_layers[i][0] == threshold and torch.equal(got_layers[i][1], weight)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask)
+        got_gen = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(real_positions(got.logits, mask), real_positions(expected.logits, mask))
+    assert got.routing.executed_fraction() == expected.routing.executed_fraction()
+    assert torch.equal(got_gen, expected_gen)
+    detach_routers(loaded)
+    assert not hasattr(loaded.config, "routertune")
+
+
+def test_static_drop_round_trips_and_missing_router_weights_are_named(tmp_path, batch):
+    from safetensors.torch import load_file, save_file
+
+    from routertune_lib.models import load_model
+
+    dropped = attach_routers(tiny_model(), RouterConfig(layers=[1, 3]), static_drop=True)
+    loaded, _ = load_model(str(save_with_tokenizer(dropped, tmp_path / "drop")), device="cpu", dtype="float32")
+    assert loaded.routertune.static and loaded.routertune.layers == [1, 3]
+
+    routed = attach_routers(tiny_model(), RouterConfig(layers=[1, 3]))
+    path = save_with_tokenizer(routed, tmp_path / "routed")
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.3.router.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack \['model.layers.3.router.weight'\]"):
+        load_model(str(path), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_torch_save_of_a_routed_model_round_trips(tmp_path, level, batch):
+    ids, mask = batch
+    model = tiny_model("qwen2")
+    attach_routers(model, RouterConfig(target="block", level=level, num_layers=3))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        expected_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.model.layers[3]) is type(model.model.layers[3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+        assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
+                           expected_gen)
+    detach_routers(loaded)
+    assert type(loaded.model.layers[3]).__name__ == "Qwen2DecoderLayer"
