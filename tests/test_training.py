@@ -243,6 +243,27 @@ def test_calibration_on_plain_texts_matches_the_same_tokens_as_batches():
         calibrate_thresholds(model, texts, 0.5)
 
 
+def test_calibration_rejects_texts_without_tokens():
+    model = _random_routers(tiny_model("llama"), "sequence")
+    with pytest.raises(ValueError, match=r"calibration texts \[1\] have no tokens \(e.g. ''\)"):
+        calibrate_thresholds(model, ["abc", ""], 0.5, tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("row", [{"instruction": "add", "input": "2+2", "output": "4"}, "just a text"])
+def test_training_on_rows_that_are_not_conversations_says_what_to_use(tmp_path, row):
+    rows = conversations(7) + [row]
+    with pytest.raises(ValueError, match="row 7 is not a conversation .*load_instruction_data"):
+        train_routers(tiny_model("llama"), tiny_tokenizer(), rows, RouterConfig(num_layers=2), _config(tmp_path))
+
+
+def test_a_second_training_in_one_process_may_change_mixed_precision(tmp_path):
+    for precision in ("bf16", "no"):
+        model = tiny_model("llama")
+        result = train_routers(model, tiny_tokenizer(), conversations(8), RouterConfig(num_layers=2),
+                               _config(tmp_path, precision, mixed_precision=precision))
+        assert result.completed
+
+
 # -- multi-process ---------------------------------------------------------------------------------------------------
 
 
