@@ -21,27 +21,40 @@ from routertune_lib.routing import (
     set_thresholds,
 )
 from routertune_lib.speed import kv_cache_bytes
+from routertune_lib.training import calibrate_thresholds
 
 GRANULARITIES = list(itertools.product(("attn", "mlp", "block"), ("sequence", "token")))
 
 
 def mixed_routers(model, ids, mask, seed=0):
-    """Random router weights, then per-layer thresholds that split the batch's decisions (some kept, some skipped)."""
+    """Random router weights, then per-layer thresholds that split the batch's decisions: every routed layer keeps
+    about two thirds of its inputs, in prefill and over the decode steps of a greedy generate (both asserted)."""
     g = torch.Generator().manual_seed(seed)
     for layer in routed_layers(model).values():
         layer.router.weight.data = torch.randn(layer.router.weight.shape, generator=g)
-    with torch.no_grad(), routing_mode(model, "masked"):
-        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
-    thresholds = {}
-    for d in trace.decisions:
-        s = d.score[d.weight.bool()].sort().values
-        thresholds[d.layer] = float((s[len(s) // 3 - 1 if len(s) > 3 else 0] + s[len(s) // 3 if len(s) > 3 else 1]) / 2)
-    set_thresholds(model, thresholds)
+    calibrate_thresholds(model, [{"input_ids": ids, "attention_mask": mask}], 2 / 3)
     with torch.no_grad():
         trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
     fractions = trace.executed_fraction()
-    assert any(0 < f < 1 for f in fractions.values()), fractions
+    assert all(0 < f < 1 for f in fractions.values()), f"prefill: not every routed layer is mixed: {fractions}"
+    steps = generation_traces(model, ids, mask, max_new_tokens=6)
+    decode = {i: [] for i in fractions}
+    for trace in steps[1:]:
+        for d in trace.decisions:
+            decode[d.layer].append(d.keep[d.weight.bool()].flatten())
+    decode = {i: float(torch.cat(k).mean()) for i, k in decode.items()}
+    assert all(0 < f < 1 for f in decode.values()), f"decode: not every routed layer is mixed: {decode}"
     return fractions
+
+
+def generation_traces(model, ids, mask, **generate_kwargs):
+    """The ``RoutingTrace`` of each forward of a greedy ``generate`` (prefill first, then one per decode step)."""
+    traces = []
+    handle = model.register_forward_hook(lambda module, args, output: traces.append(output.routing))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **generate_kwargs)
+    handle.remove()
+    return traces
 
 
 def real_positions(logits, mask):
@@ -251,6 +264,66 @@ def test_real_mode_does_not_run_skipped_work(target, level):
         kept = round(fractions[layer_idx] * (ids.shape[0] if level == "sequence" else ids.numel()))
         per_unit = ids.shape[1] if level == "sequence" else 1
         assert counted["real"] == kept * per_unit * (2 if target == "block" else 1)
+
+
+SEQUENCE_TARGETS = ["attn", "mlp", "block"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", SEQUENCE_TARGETS)
+def test_each_padded_row_routes_as_it_does_alone(arch, target):
+    """Padding does not count in a row's sequence score: scores and decisions in a left-padded batch equal the row's
+    own, run without padding."""
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, use_cache=False).routing.decisions
+        for b in range(ids.shape[0]):
+            alone = model(input_ids=ids[b : b + 1, mask[b].bool()], use_cache=False).routing.decisions
+            for d, a in zip(batch, alone, strict=True):
+                torch.testing.assert_close(d.score[b : b + 1], a.score, rtol=1e-5, atol=1e-6)
+                assert torch.equal(d.keep[b : b + 1], a.keep), (b, d.layer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", SEQUENCE_TARGETS)
+def test_every_decode_step_keeps_the_prefill_decision(arch, target):
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    prefill, *steps = generation_traces(model, ids, mask, max_new_tokens=6)
+    assert len(steps) == 5
+    decided = {d.layer: d.keep for d in prefill.decisions}
+    assert all(d.score is not None for d in prefill.decisions)
+    for trace in steps:
+        assert {d.layer for d in trace.decisions} == decided.keys()
+        for d in trace.decisions:
+            assert d.score is None, f"layer {d.layer} re-decided at a decode step"  # reused from the cache
+            assert torch.equal(d.keep, decided[d.layer])
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_padding_tokens_never_run_at_token_level(target):
+    """Zero routers keep every real token: decisions at padding are 0, and in real mode the MLP receives exactly the
+    real tokens (attention computes K/V for every token by design, so its row count cannot tell)."""
+    ids, mask = left_padded_batch()
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    real = mask.bool()
+    assert int(real.sum()) < ids.numel()
+    mlp_rows = {}
+    handles = [count_rows(layer.mlp, mlp_rows.setdefault(i, [])) for i, layer in routed_layers(model).items()]
+    with torch.no_grad():
+        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
+    for h in handles:
+        h.remove()
+    for d in trace.decisions:
+        assert torch.equal(d.keep.bool(), real) and torch.equal(d.weight.bool(), real), d.layer
+    expected = [int(real.sum())] if target in ("mlp", "block") else [ids.numel()]
+    assert all(rows == expected for rows in mlp_rows.values()), mlp_rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
