@@ -198,10 +198,11 @@ def test_real_equals_masked_with_mixed_decisions(arch, target, level, attn_imple
     assert torch.equal(real_gen, ref_gen)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("target, level", GRANULARITIES)
-def test_real_equals_masked_without_padding_and_batch_one(target, level):
+def test_real_equals_masked_without_padding_and_batch_one(arch, target, level):
     ids, mask = left_padded_batch(lengths=(8, 8))
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
     mixed_routers(model, ids, mask)
     for rows in (slice(0, 2), slice(0, 1)):
