@@ -9,6 +9,7 @@ from routertune_lib.reproduce import check_parameters, run_notebooks
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
+@pytest.mark.model  # the smoke profile builds tiny_random_model() from the SmolLM2 GGUF
 @pytest.mark.parametrize("notebook", sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*.ipynb")))
 def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTERTUNE_RESULTS", str(tmp_path / "results"))

@@ -197,7 +197,15 @@ def test_calibration_hits_the_capacity_per_layer_token_level(capacity):
     model = _random_routers(tiny_model("llama"), "token")
     calib = [_random_batch(1, 8), _random_batch(2, 8)]
     thresholds = calibrate_thresholds(model, calib, capacity)
-    assert set(thresholds) == {2, 3, 4} and all(0 <= t <= 1 for t in thresholds.values())
+    assert set(thresholds) == {2, 3, 4}
+    # each threshold lies midway between the k-th and (k+1)-th largest of its layer's real-token scores (the layers
+    # before it already at their new thresholds, as they are now)
+    with torch.no_grad():
+        decisions = [d for b in calib for d in model(**b, use_cache=False).routing.decisions]
+    for i, t in thresholds.items():
+        s = torch.cat([d.score[d.weight.bool()] for d in decisions if d.layer == i]).sort(descending=True).values
+        k = round(capacity * len(s))
+        assert t == pytest.approx(float(s[k - 1] + s[k]) / 2)
     n = sum(int(b["attention_mask"].sum()) for b in calib)
     for fraction in _executed(model, calib).values():  # exact on the calibration data
         assert fraction == pytest.approx(round(capacity * n) / n, abs=1e-9)
