@@ -22,8 +22,9 @@ Two execution modes compute that last line:
 Sequence-level decisions are made at prefill and stored in the KV cache layer, so every decode step reuses its
 sequence's prefill decision. Without a cache there is nowhere to keep it, so ``generate(use_cache=False)`` on a
 sequence-routed model raises (each step would re-decide on prompt + generated tokens). Routed models run with
-``DynamicCache`` (generate's default) only; static, offloaded and quantized caches raise. Decisions and statistics of one forward travel in a ``RoutingContext`` that a forward
-pre-hook passes to the layers and a forward hook returns as ``output.routing`` (a ``RoutingTrace``).
+``DynamicCache`` (generate's default) only; static, offloaded and quantized caches raise. Decisions and statistics
+of one forward travel in a ``RoutingContext`` that a forward pre-hook passes to the layers and a forward hook returns
+as ``output.routing`` (a ``RoutingTrace``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def _real(value, name: str) -> float:
 
 
 def _index(value, name: str) -> int:
-    """``value`` as a non-negative int (Python or numpy integers, not bools); ``ValueError`` naming ``name`` otherwise."""
+    """``value`` as a non-negative int (Python or numpy integers, not bools); ``ValueError`` naming ``name``
+    otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
     return int(value)
@@ -106,9 +108,8 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
         if self.num_layers is not None and self.layers is not None:
             raise ValueError("RouterConfig: give either num_layers or layers, not both")
-        if self.num_layers is not None and (
-            isinstance(self.num_layers, bool) or not isinstance(self.num_layers, numbers.Integral) or self.num_layers < 1
-        ):
+        n = self.num_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"RouterConfig.num_layers must be an integer >= 1, got {self.num_layers!r}")
         if self.num_layers is not None:
             self.num_layers = int(self.num_layers)
