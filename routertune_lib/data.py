@@ -489,26 +489,56 @@ def _to_conversation(row: object) -> dict:
 
 
 def _json_array_items(text: str) -> Iterator[tuple[int, object]]:
-    """(1-based line, item) for each item of a top-level JSON array."""
-    decoder, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
-    pos = len(text) - len(text.lstrip())
+    """(1-based line, item) for each item of a top-level JSON array; ``json.JSONDecodeError`` where the text stops
+    being one (as strict as ``json.loads``: no missing, doubled or trailing commas, nothing after the array)."""
+    decoder, ws = json.JSONDecoder(), re.compile(r"\s*")
+    pos = ws.match(text).end()
     if not text.startswith("[", pos):
         raise json.JSONDecodeError("expected a JSON array", text, pos)
     pos = ws.match(text, pos + 1).end()
-    while not text.startswith("]", pos):
-        item, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, item
-        pos = ws.match(text, end).end()
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            item, end = decoder.raw_decode(text, pos)
+            yield text.count("\n", 0, pos) + 1, item
+            pos = ws.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = ws.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise json.JSONDecodeError("expected ',' or ']' after an array item", text, pos)
+    if ws.match(text, pos).end() != len(text):
+        raise json.JSONDecodeError("extra data after the JSON array", text, ws.match(text, pos).end())
+
+
+def _read_text(path: Path) -> str:
+    """The file's text in the encoding JSON allows (UTF-8, -16 or -32, with or without a BOM, as ``json.loads``
+    detects it for bytes); ``ValueError`` naming the file if it does not decode."""
+    raw = path.read_bytes()
+    encoding = json.detect_encoding(raw)
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid {encoding} text ({e.reason} at byte {e.start}); "
+                         "save it as UTF-8") from None
 
 
 def _file_rows(path: Path) -> Iterator[tuple[int, object | ValueError]]:
-    """(line, parsed row or the parse error) for a ``.json`` array or JSON-lines file."""
-    text = path.read_text(encoding="utf-8")
+    """(line, parsed row or the parse error) for a ``.json`` array or JSON-lines file.
+
+    A ``.json`` file that is not one valid JSON array raises ``ValueError`` (its rows cannot be told apart, so
+    ``on_error="skip"`` does not apply); a JSON-lines line that does not parse is yielded as its error.
+    """
+    text = _read_text(path)
     if path.suffix == ".json":
         try:
             yield from _json_array_items(text)
-        except json.JSONDecodeError as e:  # the rest of the file cannot be parsed
-            yield e.lineno, ValueError(f"bad JSON: {e.msg}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: bad JSON: {e.msg} (column {e.colno}); a .json file must hold "
+                             "one valid JSON array (rows that parse but are malformed can be skipped)") from None
         return
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -602,11 +632,14 @@ def load_instruction_data(
     (kept in file order); or a hub dataset id read with
     ``datasets.load_dataset(source, split="train")``.  Malformed rows raise
     ``ValueError`` naming the file and 1-based line, or with
-    ``on_error="skip"`` are dropped, counted and logged.  ``limit`` keeps the
-    first rows.
+    ``on_error="skip"`` are dropped, counted and logged; a ``.json`` file that is
+    not valid JSON always raises.  Files may be UTF-8, -16 or -32 (BOM or not).
+    ``limit`` (``None`` or >= 1) keeps the first rows.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (all rows) or an integer >= 1, got {limit!r}")
     path = Path(source)
     if str(source) == OFFLINE_MIX:
         rows = offline_mix(seed)

@@ -190,6 +190,9 @@ def load_model(
     For built-ins, ``model.config.name_or_path`` is set to the built-in name (not the cache
     path), so model_identity() is the same on every machine.
 
+    A directory written by ``save_pretrained`` of a routed model comes back with its routers, config and thresholds
+    (``routing.restore_routers``).
+
     The tokenizer pads on the left (what batched generation needs); a tokenizer without a pad
     token gets pad = eos. Both built-ins already define one (SmolLM2: <|im_end|>, which is
     also its eos; Gemma 3: <pad>).
@@ -226,6 +229,13 @@ def load_model(
     _prepare_tokenizer(tokenizer, builtin)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "routertune", None) is not None:  # saved with save_pretrained while routed
+        from huggingface_hub import snapshot_download
+
+        from .routing import restore_routers  # routing imports this module
+
+        local = source if os.path.isdir(source) else snapshot_download(source, allow_patterns=["*.safetensors"])
+        restore_routers(model, local)
     model.eval()
     logger.info("Loaded %s (%s, %s) in %.1fs", name_or_path, device, dtype, time.perf_counter() - start)
     return model, tokenizer

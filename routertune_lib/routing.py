@@ -20,16 +20,23 @@ Two execution modes compute that last line:
   ``keep = hard + score - score.detach()`` passes gradient to the router even when every input is executed.
 
 Sequence-level decisions are made at prefill and stored in the KV cache layer, so every decode step reuses its
-sequence's prefill decision. Decisions and statistics of one forward travel in a ``RoutingContext`` that a forward
-pre-hook passes to the layers and a forward hook returns as ``output.routing`` (a ``RoutingTrace``).
+sequence's prefill decision. Without a cache there is nowhere to keep it, so ``generate(use_cache=False)`` on a
+sequence-routed model raises (each step would re-decide on prompt + generated tokens). Routed models run with
+``DynamicCache`` (generate's default) only; static, offloaded and quantized caches raise. Decisions and statistics
+of one forward travel in a ``RoutingContext`` that a forward pre-hook passes to the layers and a forward hook returns
+as ``output.routing`` (a ``RoutingTrace``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
+import numbers
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -37,7 +44,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchSpec, arch_spec, decoder_layers
@@ -49,6 +56,24 @@ LEVELS = ("sequence", "token")
 MODES = ("real", "masked")
 EXPERTS = "experts"  # RouterConfig.target of Mixture-of-Experts expert routers (token level; see routertune_lib.moe)
 CHECKPOINT_FORMAT = "routertune-routers/1"
+
+
+def _real(value, name: str) -> float:
+    """``value`` as a finite float: Python, numpy or 0-d tensor numbers (not bools or strings); ``ValueError``
+    naming ``name`` otherwise."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r} ({type(value).__name__}); pass e.g. 0.5")
+    return float(value)
+
+
+def _index(value, name: str) -> int:
+    """``value`` as a non-negative int (Python or numpy integers, not bools); ``ValueError`` naming ``name``
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
+    return int(value)
 
 
 @dataclass
@@ -83,18 +108,25 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
         if self.num_layers is not None and self.layers is not None:
             raise ValueError("RouterConfig: give either num_layers or layers, not both")
-        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+        n = self.num_layers
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"RouterConfig.num_layers must be an integer >= 1, got {self.num_layers!r}")
+        if self.num_layers is not None:
+            self.num_layers = int(self.num_layers)
         if self.layers is not None:
-            if not self.layers or any(not isinstance(i, int) or i < 0 for i in self.layers):
+            if isinstance(self.layers, (str, bytes)) or not self.layers:
                 raise ValueError(f"RouterConfig.layers must be a non-empty list of 0-based indices, got {self.layers!r}")
+            self.layers = [_index(i, f"each of RouterConfig.layers {self.layers!r}") for i in self.layers]
             if len(set(self.layers)) != len(self.layers):
                 raise ValueError(f"RouterConfig.layers has duplicates: {self.layers!r}")
             self.layers = sorted(self.layers)
+        self.threshold = _real(self.threshold, "RouterConfig.threshold")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"RouterConfig.threshold must be in [0, 1], got {self.threshold!r}")
+        self.capacity = _real(self.capacity, "RouterConfig.capacity")
         if not 0.0 < self.capacity <= 1.0:
             raise ValueError(f"RouterConfig.capacity must be in (0, 1], got {self.capacity!r}")
+        self.capacity_weight = _real(self.capacity_weight, "RouterConfig.capacity_weight")
         if self.capacity_weight < 0:
             raise ValueError(f"RouterConfig.capacity_weight must be >= 0, got {self.capacity_weight!r}")
 
@@ -227,10 +259,23 @@ class RoutedCacheMixin:
 
 
 def _mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
-    """``class Routed<cls>(mixin, cls)``, made once per pair."""
+    """``class Routed<cls>(mixin, cls)``, made once per pair; its instances pickle through the pair."""
     if (mixin, cls) not in _made:
-        _made[mixin, cls] = type(f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        _made[mixin, cls] = type(
+            f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__, "__reduce_ex__": _reduce_mixed}
+        )
     return _made[mixin, cls]
+
+
+def _new_mixed(mixin: type, cls: type):
+    """An empty instance of ``_mixed_class(mixin, cls)``; pickle fills in its state."""
+    made = _mixed_class(mixin, cls)
+    return made.__new__(made)
+
+
+def _reduce_mixed(self, protocol):
+    """Pickle a made class's instance as (its pair, its state): the made class is not importable by name."""
+    return _new_mixed, type(self).__bases__, self.__getstate__()
 
 
 def _cache_layer(cache, layer_idx: int):
@@ -501,6 +546,15 @@ class RoutingSetup:
 
 
 def _routing_pre_hook(model, args, kwargs):
+    cache = kwargs.get("cache", kwargs.get("past_key_values", args[3] if len(args) > 3 else None))
+    layer_routers = model.routertune.module_path is None  # expert routers (moe) leave the cache alone
+    if layer_routers and cache is not None and not (type(cache) is DynamicCache and not cache.offloading):
+        raise ValueError(
+            f"Routed models support only a DynamicCache (generate's default, cache_implementation='dynamic'), "
+            f"not {type(cache).__name__}{' with offloading' if type(cache) is DynamicCache else ''}: routed layers "
+            "store per-sequence decisions and compact K/V in their cache layers. Drop cache_implementation / pass "
+            "a DynamicCache()."
+        )
     if "routing_context" not in kwargs:
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         kwargs["routing_context"] = RoutingContext(model.routertune.mode, mask, RoutingTrace())
@@ -512,12 +566,40 @@ def _routing_post_hook(model, args, kwargs, output):
     return output
 
 
+def _generate_keeping_decisions(model, *args, **kwargs):
+    """``model.generate`` of a model with sequence-level routers: refuses ``use_cache=False``, under which every step
+    would re-decide on the prompt plus the tokens generated so far instead of keeping the prefill decision."""
+    config = kwargs.get("generation_config") or model.generation_config
+    if not kwargs.get("use_cache", config.use_cache):
+        raise ValueError(
+            "generate(use_cache=False) is not supported with sequence-level routers: the decision made on the "
+            "prompt is kept in the KV cache for every decode step, and without a cache each step would re-decide "
+            "on the prompt plus the generated tokens. Generate with use_cache=True (the default)."
+        )
+    return type(model).generate(model, *args, **kwargs)
+
+
+def _router_record(model: nn.Module) -> dict:
+    """The routers' settings besides their weights: checkpoint format, ``RouterConfig``, static drop, thresholds."""
+    setup = _setup(model)
+    thresholds = {str(i): layer.routing.threshold for i, layer in routed_layers(model).items()}
+    return {"format": CHECKPOINT_FORMAT, "config": asdict(setup.config), "static_drop": setup.static,
+            "thresholds": thresholds}
+
+
+def _record_in_config(model: nn.Module) -> None:
+    """Keep ``model.config.routertune`` equal to the router record, so ``save_pretrained`` writes it to config.json
+    (the router weights are in the state dict) and ``models.load_model`` re-attaches the routers."""
+    model.config.routertune = _router_record(model)
+
+
 def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool = False) -> nn.Module:
     """Add a zero-initialised ``Linear(d, 1, bias=False)`` router to each routed layer, in place; returns ``model``.
 
     With ``static_drop=True`` the selected layers get no router and are always skipped (the paper's Layer Drop /
     Attention Drop baseline), through the same real-skip path.
     Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly the dense model.
+    With sequence-level routers, ``model.generate`` refuses ``use_cache=False`` (the cache keeps the prefill decision).
     ``config.target == "experts"`` attaches expert routers to the MoE blocks instead (``moe.attach_expert_routers``).
     """
     if getattr(model, "routertune", None) is not None:
@@ -525,7 +607,9 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
     if config.target == EXPERTS:
         from .moe import attach_expert_routers
 
-        return attach_expert_routers(model, config, static_drop=static_drop)
+        attach_expert_routers(model, config, static_drop=static_drop)
+        _record_in_config(model)
+        return model
     arch = arch_spec(model)
     layers = decoder_layers(model)
     indices = config.resolve_layers(len(layers))
@@ -546,6 +630,9 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
         model.register_forward_hook(_routing_post_hook, with_kwargs=True),
     ]
     model.routertune = setup
+    if config.level == "sequence":
+        model.generate = functools.partial(_generate_keeping_decisions, model)
+    _record_in_config(model)
     return model
 
 
@@ -557,6 +644,8 @@ def detach_routers(model: nn.Module) -> nn.Module:
     for layer in routed_layers(model).values():
         del layer.router, layer.routing
         layer.__class__ = type(layer).__bases__[1]
+    model.__dict__.pop("generate", None)
+    model.config.__dict__.pop("routertune", None)
     model.routertune = None
     return model
 
@@ -583,13 +672,37 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [layer.router.weight for layer in routed_layers(model).values() if layer.router is not None]
 
 
-def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
-    """Set the decision threshold globally (a float) or per routed layer (``{layer: threshold}``)."""
-    for i, layer in routed_layers(model).items():
-        t = thresholds if isinstance(thresholds, (int, float)) else thresholds.get(i, layer.routing.threshold)
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold for layer {i} must be in [0, 1], got {t!r}")
-        layer.routing = replace(layer.routing, threshold=float(t))
+def _threshold(value, name: str) -> float:
+    t = _real(value, name)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return t
+
+
+def _layer_key(key) -> int:
+    """A per-layer threshold key: an int, or its digit string (what a JSON round trip makes of int keys)."""
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        return int(key)
+    return _index(key, "a threshold's layer key")
+
+
+def set_thresholds(model: nn.Module, thresholds: float | Mapping[int | str, float]) -> None:
+    """Set the decision threshold globally (a number) or per routed layer (``{layer: threshold}``; layers left out
+    keep theirs). Numbers may be numpy or 0-d tensor scalars; keys may be digit strings (``calibrate_thresholds``'
+    output after a JSON round trip). A key that is not a routed layer raises ``ValueError``."""
+    layers = routed_layers(model)
+    if isinstance(thresholds, Mapping):
+        per_layer = {_layer_key(k): _threshold(t, f"threshold for layer {k!r}") for k, t in thresholds.items()}
+        unrouted = sorted(set(per_layer) - set(layers))
+        if unrouted:
+            raise ValueError(f"thresholds given for layers {unrouted}, which are not routed; routed layers: "
+                             f"{sorted(layers)}")
+    else:
+        per_layer = dict.fromkeys(layers, _threshold(thresholds, "threshold"))
+    for i, t in per_layer.items():
+        layers[i].routing = replace(layers[i].routing, threshold=t)
+    if getattr(model.config, "routertune", None) is not None:  # expert drop plans are not recorded
+        _record_in_config(model)
 
 
 def set_routing_mode(model: nn.Module, mode: str) -> None:
@@ -613,22 +726,18 @@ def routing_mode(model: nn.Module, mode: str):
 def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the routers to one safetensors file (weights, ``RouterConfig``, thresholds, base-model identity).
 
-    The file is written atomically (temporary file, then rename).
+    The file is written atomically (temporary file, then rename); ``path`` must not be a directory.
     """
-    setup = _setup(model)
-    layers = routed_layers(model)
+    if Path(path).is_dir():
+        raise ValueError(f"save_routers writes one file, but {path} is a directory; pass a file path such as "
+                         f"{Path(path) / 'routers.safetensors'}")
     tensors = {
         f"layers.{i}.router.weight": layer.router.weight.detach().float().cpu().contiguous()
-        for i, layer in layers.items()
+        for i, layer in routed_layers(model).items()
         if layer.router is not None
     }
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "config": json.dumps(asdict(setup.config)),
-        "static_drop": json.dumps(setup.static),
-        "thresholds": json.dumps({str(i): layer.routing.threshold for i, layer in layers.items()}),
-        "base_model": json.dumps(model_identity(model)),
-    }
+    record = {**_router_record(model), "base_model": model_identity(model)}
+    metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
     return write_atomic(path, safetensors_bytes(tensors if tensors else {"empty": torch.zeros(0)}, metadata=metadata))
 
 
@@ -666,4 +775,38 @@ def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if layer.router is not None:
             layer.router.weight.data.copy_(tensors[f"layers.{i}.router.weight"])
     set_thresholds(model, {int(i): t for i, t in json.loads(metadata["thresholds"]).items()})
+    return model
+
+
+def restore_routers(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Re-attach the routers of a routed model saved with ``save_pretrained`` to ``directory``: settings from
+    ``model.config.routertune`` (config.json), weights from the directory's ``*.safetensors`` files. Returns
+    ``model``; a model whose config has no ``routertune`` entry is returned unchanged. ``models.load_model`` calls it.
+    """
+    from safetensors import safe_open
+
+    record = getattr(model.config, "routertune", None)
+    if record is None:
+        return model
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory}/config.json has a 'routertune' entry that is not a {CHECKPOINT_FORMAT!r} "
+                         f"router record: {record!r:.200}")
+    del model.config.routertune  # attach_routers writes it again
+    attach_routers(model, RouterConfig.from_dict(record["config"]), static_drop=record["static_drop"])
+    names = {module: name for name, module in model.named_modules()}
+    wanted = {f"{names[layer.router]}.weight": layer.router.weight
+              for layer in routed_layers(model).values() if layer.router is not None}
+    found = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in wanted.keys() & set(f.keys())})
+    missing = sorted(wanted.keys() - found.keys())
+    if missing:
+        detach_routers(model)
+        raise ValueError(f"{directory}/config.json describes routers, but its safetensors files lack {missing}; "
+                         "save the routed model again with save_pretrained")
+    with torch.no_grad():
+        for k, weight in wanted.items():
+            weight.copy_(found[k])
+    set_thresholds(model, record["thresholds"])
     return model

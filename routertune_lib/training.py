@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, get_int_from_env, set_seed
 from safetensors.torch import load_file
 from torch import nn
@@ -254,7 +255,11 @@ def tokenize_conversations(tokenizer, conversations, max_length: int) -> list[di
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
     rows, dropped = [], 0
-    for conv in conversations:
+    for n, conv in enumerate(conversations):
+        if not (isinstance(conv, dict) and isinstance(conv.get("messages"), list)):
+            raise ValueError(f"row {n} is not a conversation {{'messages': [{{'role', 'content'}}, ...]}}: "
+                             f"{conv!r:.120}; load Alpaca rows, JSON files and hub datasets with "
+                             "routertune_lib.data.load_instruction_data, which converts them")
         text, spans = _assistant_spans(tokenizer, conv["messages"])
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"][:max_length]
@@ -447,6 +452,8 @@ def train_routers(
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size * "
                          f"num_processes = {cfg.micro_batch_size} * {world}")
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)  # micro-batches per process per step
+    # a notebook may train again with another mixed_precision; the launch's process state (PartialState) is kept
+    AcceleratorState._reset_state()
     accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision)
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}; on CPU "
@@ -662,8 +669,12 @@ def _calibration_batches(data, tokenizer, batch_size: int, max_length: int, devi
         if tokenizer is None:
             raise ValueError("calibrating on conversations or texts needs a tokenizer")
         if is_text:
-            rows = [{"input_ids": ids[:max_length], "labels": ids[:max_length]}
-                    for ids in tokenizer(items)["input_ids"]]
+            encoded = tokenizer(items)["input_ids"]
+            empty = [i for i, ids in enumerate(encoded) if not ids]
+            if empty:
+                raise ValueError(f"calibration texts {empty[:5]} have no tokens (e.g. {items[empty[0]]!r}); "
+                                 "leave out empty texts")
+            rows = [{"input_ids": ids[:max_length], "labels": ids[:max_length]} for ids in encoded]
         else:
             rows = tokenize_conversations(tokenizer, items, max_length)
         pad_id = _pad_id(tokenizer)

@@ -130,6 +130,62 @@ def test_skip_mode_counts_and_logs(tmp_path, caplog):
     assert "skipped 2 malformed rows" in caplog.text and "mixed.jsonl:2" in caplog.text
 
 
+def test_skip_mode_json_array_keeps_rows_after_a_bad_one(tmp_path, caplog):
+    rows = [ALPACA[0], {"instruction": "x"}, ALPACA[1], ALPACA[0], ALPACA[1]]
+    p = tmp_path / "five.json"
+    p.write_text(json.dumps(rows, indent=2))
+    with caplog.at_level(logging.WARNING, logger="routertune_lib.data"):
+        got = load_instruction_data(p, on_error="skip")
+    assert got == load_instruction_data(_write(tmp_path / "four.jsonl", [r for i, r in enumerate(rows) if i != 1]))
+    assert "skipped 1 malformed rows" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ('[{"instruction": "a", "output": "b"}] trailing', 1),
+        ('[{"instruction": "a", "output": "b"}]\n]', 2),
+        ('[\n{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n]', 3),  # missing comma
+        ('[\n{"instruction": "a", "output": "b"},,\n{"instruction": "c", "output": "d"}\n]', 2),  # doubled comma
+        ('[\n{"instruction": "a", "output": "b"},\n]', 3),  # trailing comma
+        ('[, {"instruction": "a", "output": "b"}]', 1),
+        ('[{"instruction": "a", "output": "b"}, {"instruction": }]', 1),
+    ],
+)
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_invalid_json_array_is_rejected_even_when_skipping(tmp_path, text, line, on_error):
+    p = tmp_path / "bad.json"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=rf"bad\.json:{line}: bad JSON"):
+        load_instruction_data(p, on_error=on_error)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 1.5, True, "2"])
+def test_bad_limit_is_rejected(tmp_path, limit):
+    p = _write(tmp_path / "a.jsonl", ALPACA)
+    with pytest.raises(ValueError, match=f"limit must be .* got {limit!r}"):
+        load_instruction_data(p, limit=limit)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_bom_and_utf16_files_decode(tmp_path, encoding, suffix):
+    rows = [{"instruction": "Übersetze: café", "input": "", "output": "Kaffee ☕"}, ALPACA[0]]
+    text = json.dumps(rows, ensure_ascii=False) if suffix == ".json" else "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    p = tmp_path / f"enc{suffix}"
+    p.write_bytes(text.encode(encoding))
+    got = load_instruction_data(p)
+    assert got[0]["messages"] == [{"role": "user", "content": "Übersetze: café"}, {"role": "assistant", "content": "Kaffee ☕"}]
+    assert len(got) == 2
+
+
+def test_undecodable_file_names_it(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(json.dumps({"instruction": "café", "output": "x"}, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl is not valid utf-8 .*save it as UTF-8"):
+        load_instruction_data(p)
+
+
 def test_missing_file_and_bad_option(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_instruction_data(tmp_path / "none.jsonl")

@@ -62,6 +62,7 @@ def _without_tasks(columns) -> list[str]:
     return [c for c in columns if c.split(" (")[0] not in TASKS]
 
 
+@pytest.mark.model  # the smoke profile builds tiny_random_model() from the SmolLM2 GGUF
 @pytest.mark.parametrize("notebook", sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*.ipynb")))
 def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTERTUNE_RESULTS", str(tmp_path / "results"))

@@ -2,7 +2,9 @@
 KV-cache compaction, checkpoints."""
 
 import itertools
+import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONFIGS, left_padded_batch, tiny_model
@@ -19,27 +21,40 @@ from routertune_lib.routing import (
     set_thresholds,
 )
 from routertune_lib.speed import kv_cache_bytes
+from routertune_lib.training import calibrate_thresholds
 
 GRANULARITIES = list(itertools.product(("attn", "mlp", "block"), ("sequence", "token")))
 
 
 def mixed_routers(model, ids, mask, seed=0):
-    """Random router weights, then per-layer thresholds that split the batch's decisions (some kept, some skipped)."""
+    """Random router weights, then per-layer thresholds that split the batch's decisions: every routed layer keeps
+    about two thirds of its inputs, in prefill and over the decode steps of a greedy generate (both asserted)."""
     g = torch.Generator().manual_seed(seed)
     for layer in routed_layers(model).values():
         layer.router.weight.data = torch.randn(layer.router.weight.shape, generator=g)
-    with torch.no_grad(), routing_mode(model, "masked"):
-        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
-    thresholds = {}
-    for d in trace.decisions:
-        s = d.score[d.weight.bool()].sort().values
-        thresholds[d.layer] = float((s[len(s) // 3 - 1 if len(s) > 3 else 0] + s[len(s) // 3 if len(s) > 3 else 1]) / 2)
-    set_thresholds(model, thresholds)
+    calibrate_thresholds(model, [{"input_ids": ids, "attention_mask": mask}], 2 / 3)
     with torch.no_grad():
         trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
     fractions = trace.executed_fraction()
-    assert any(0 < f < 1 for f in fractions.values()), fractions
+    assert all(0 < f < 1 for f in fractions.values()), f"prefill: not every routed layer is mixed: {fractions}"
+    steps = generation_traces(model, ids, mask, max_new_tokens=6)
+    decode = {i: [] for i in fractions}
+    for trace in steps[1:]:
+        for d in trace.decisions:
+            decode[d.layer].append(d.keep[d.weight.bool()].flatten())
+    decode = {i: float(torch.cat(k).mean()) for i, k in decode.items()}
+    assert all(0 < f < 1 for f in decode.values()), f"decode: not every routed layer is mixed: {decode}"
     return fractions
+
+
+def generation_traces(model, ids, mask, **generate_kwargs):
+    """The ``RoutingTrace`` of each forward of a greedy ``generate`` (prefill first, then one per decode step)."""
+    traces = []
+    handle = model.register_forward_hook(lambda module, args, output: traces.append(output.routing))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **generate_kwargs)
+    handle.remove()
+    return traces
 
 
 def real_positions(logits, mask):
@@ -60,11 +75,60 @@ def real_positions(logits, mask):
         (dict(num_layers=0), "num_layers must be an integer >= 1"),
         (dict(num_layers=2, layers=[1]), "either num_layers or layers"),
         (dict(layers=[1, 1]), "duplicates"),
+        (dict(capacity_weight=float("nan")), "capacity_weight must be a finite number"),
+        (dict(capacity_weight=float("inf")), "capacity_weight must be a finite number"),
+        (dict(capacity=float("nan")), "capacity must be a finite number"),
+        (dict(threshold="0.5"), "threshold must be a finite number, got '0.5'"),
+        (dict(threshold=True), "threshold must be a finite number, got True"),
+        (dict(num_layers=True), "num_layers must be an integer >= 1, got True"),
+        (dict(num_layers=2.0), "num_layers must be an integer >= 1, got 2.0"),
+        (dict(layers=[True, 2]), r"layers .* must be a non-negative integer, got True"),
+        (dict(layers="12"), "layers must be a non-empty list"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RouterConfig(**kwargs)
+
+
+def test_config_accepts_numpy_and_tensor_scalars_as_plain_numbers(tmp_path):
+    config = RouterConfig(threshold=np.float32(0.25), capacity=torch.tensor(0.5), num_layers=np.int64(2))
+    assert (type(config.threshold), type(config.capacity), type(config.num_layers)) == (float, float, int)
+    assert RouterConfig(layers=[np.int64(3), 1]).layers == [1, 3]
+    model = tiny_model()
+    attach_routers(model, config)
+    path = save_routers(model, tmp_path / "r.safetensors")  # was: float32 is not JSON serializable
+    fresh = load_routers(tiny_model(), path)
+    assert {i: l.routing.threshold for i, l in routed_layers(fresh).items()} == {3: 0.25, 4: 0.25}
+
+
+def test_set_thresholds_accepts_json_round_trip_and_scalars_and_rejects_unrouted_layers():
+    model = tiny_model()
+    attach_routers(model, RouterConfig(layers=[2, 4]))
+
+    def thresholds():
+        return {i: layer.routing.threshold for i, layer in routed_layers(model).items()}
+
+    set_thresholds(model, json.loads(json.dumps({2: 0.7, 4: 0.2})))  # keys become '2', '4'
+    assert thresholds() == {2: 0.7, 4: 0.2}
+    set_thresholds(model, {np.int64(4): np.float32(0.25)})
+    assert thresholds() == {2: 0.7, 4: 0.25}
+    set_thresholds(model, torch.tensor(0.125))
+    assert thresholds() == {2: 0.125, 4: 0.125}
+    set_thresholds(model, np.float64(0.375))
+    assert thresholds() == {2: 0.375, 4: 0.375}
+    for bad, message in [
+        ({99: 0.7}, r"layers \[99\], which are not routed; routed layers: \[2, 4\]"),
+        ({"3": 0.7, 2: 0.1}, r"layers \[3\], which are not routed"),
+        ({"two": 0.7}, "layer key must be a non-negative integer, got 'two'"),
+        ({2: "0.5"}, "threshold for layer 2 must be a finite number, got '0.5'"),
+        ({2: 1.5}, r"threshold for layer 2 must be in \[0, 1\], got 1.5"),
+        ("0.5", "threshold must be a finite number, got '0.5'"),
+        (float("nan"), "threshold must be a finite number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            set_thresholds(model, bad)
+    assert thresholds() == {2: 0.375, 4: 0.375}  # a rejected call changes nothing
 
 
 def test_routed_layers_are_the_deepest_except_the_last():
@@ -134,10 +198,11 @@ def test_real_equals_masked_with_mixed_decisions(arch, target, level, attn_imple
     assert torch.equal(real_gen, ref_gen)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("target, level", GRANULARITIES)
-def test_real_equals_masked_without_padding_and_batch_one(target, level):
+def test_real_equals_masked_without_padding_and_batch_one(arch, target, level):
     ids, mask = left_padded_batch(lengths=(8, 8))
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
     mixed_routers(model, ids, mask)
     for rows in (slice(0, 2), slice(0, 1)):
@@ -200,6 +265,66 @@ def test_real_mode_does_not_run_skipped_work(target, level):
         kept = round(fractions[layer_idx] * (ids.shape[0] if level == "sequence" else ids.numel()))
         per_unit = ids.shape[1] if level == "sequence" else 1
         assert counted["real"] == kept * per_unit * (2 if target == "block" else 1)
+
+
+SEQUENCE_TARGETS = ["attn", "mlp", "block"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", SEQUENCE_TARGETS)
+def test_each_padded_row_routes_as_it_does_alone(arch, target):
+    """Padding does not count in a row's sequence score: scores and decisions in a left-padded batch equal the row's
+    own, run without padding."""
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        batch = model(input_ids=ids, attention_mask=mask, use_cache=False).routing.decisions
+        for b in range(ids.shape[0]):
+            alone = model(input_ids=ids[b : b + 1, mask[b].bool()], use_cache=False).routing.decisions
+            for d, a in zip(batch, alone, strict=True):
+                torch.testing.assert_close(d.score[b : b + 1], a.score, rtol=1e-5, atol=1e-6)
+                assert torch.equal(d.keep[b : b + 1], a.keep), (b, d.layer)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", SEQUENCE_TARGETS)
+def test_every_decode_step_keeps_the_prefill_decision(arch, target):
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    prefill, *steps = generation_traces(model, ids, mask, max_new_tokens=6)
+    assert len(steps) == 5
+    decided = {d.layer: d.keep for d in prefill.decisions}
+    assert all(d.score is not None for d in prefill.decisions)
+    for trace in steps:
+        assert {d.layer for d in trace.decisions} == decided.keys()
+        for d in trace.decisions:
+            assert d.score is None, f"layer {d.layer} re-decided at a decode step"  # reused from the cache
+            assert torch.equal(d.keep, decided[d.layer])
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_padding_tokens_never_run_at_token_level(target):
+    """Zero routers keep every real token: decisions at padding are 0, and in real mode the MLP receives exactly the
+    real tokens (attention computes K/V for every token by design, so its row count cannot tell)."""
+    ids, mask = left_padded_batch()
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    real = mask.bool()
+    assert int(real.sum()) < ids.numel()
+    mlp_rows = {}
+    handles = [count_rows(layer.mlp, mlp_rows.setdefault(i, [])) for i, layer in routed_layers(model).items()]
+    with torch.no_grad():
+        trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
+    for h in handles:
+        h.remove()
+    for d in trace.decisions:
+        assert torch.equal(d.keep.bool(), real) and torch.equal(d.weight.bool(), real), d.layer
+    expected = [int(real.sum())] if target in ("mlp", "block") else [ids.numel()]
+    assert all(rows == expected for rows in mlp_rows.values()), mlp_rows
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -273,6 +398,23 @@ def test_save_load_round_trip(tmp_path, batch):
     torch.testing.assert_close(got, expected)
 
 
+def test_save_routers_to_a_directory_fails_clearly_and_leaves_nothing(tmp_path):
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(num_layers=2))
+    with pytest.raises(ValueError, match=r"is a directory; pass a file path such as .*routers\.safetensors"):
+        save_routers(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_rename_fails(tmp_path):
+    from routertune_lib.reporting import write_atomic
+
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(tmp_path / "taken", b"x")
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
 def test_loading_a_checkpoint_into_another_model_fails(tmp_path):
     model = tiny_model("llama")
     attach_routers(model, RouterConfig(num_layers=2))
@@ -309,3 +451,136 @@ def test_real_equals_masked_on_bundled_models(name, target, level):
         real_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     torch.testing.assert_close(real_positions(real, mask), real_positions(ref, mask), rtol=1e-4, atol=1e-4)
     assert torch.equal(real_gen, ref_gen)
+
+
+# -- caches ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_generate_without_cache_refuses_sequence_routing(target, batch):
+    ids, mask = batch
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="sequence", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with pytest.raises(ValueError, match=r"use_cache=False\) is not supported with sequence-level routers"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False)
+    model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match="use_cache=True"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    detach_routers(model)
+    assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("target", ["attn", "mlp", "block"])
+def test_token_routing_generates_the_same_with_and_without_cache(target, batch):
+    ids, mask = batch
+    model = tiny_model("llama")
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize(
+    "arch, level, cache_implementation",
+    [("llama", "sequence", "static"), ("llama", "token", "static"), ("gemma3", "sequence", "static"),
+     ("gemma3", "token", "static"), ("llama", "sequence", "offloaded")],
+)
+def test_unsupported_caches_are_named(arch, level, cache_implementation, batch):
+    ids, mask = batch
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target="attn", level=level, num_layers=3))  # zero routers
+    with pytest.raises(ValueError, match="support only a DynamicCache .*cache_implementation='dynamic'"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                       cache_implementation=cache_implementation)
+
+
+# -- saving the whole routed model ---------------------------------------------------------------------------------
+
+
+def save_with_tokenizer(model, path):
+    """``save_pretrained`` the model with a two-token tokenizer, so ``models.load_model`` can read the directory."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        pad_token="<pad>", unk_token="<unk>")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def routing_state(model):
+    return model.routertune.config, model.routertune.static, {
+        i: (layer.routing.threshold, None if layer.router is None else layer.router.weight.detach().clone())
+        for i, layer in routed_layers(model).items()
+    }
+
+
+@pytest.mark.parametrize("arch, target, level", [("llama", "attn", "sequence"), ("gemma3", "block", "token")])
+def test_save_pretrained_round_trips_through_load_model(tmp_path, arch, target, level, batch):
+    from routertune_lib.models import load_model
+
+    ids, mask = batch
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level=level, num_layers=4))
+    mixed_routers(model, ids, mask)  # random weights, a different threshold per layer
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask)
+        expected_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    loaded, _ = load_model(str(save_with_tokenizer(model, tmp_path / "m")), device="cpu", dtype="float32")
+    config, static, layers = routing_state(model)
+    got_config, got_static, got_layers = routing_state(loaded)
+    assert (got_config, got_static) == (config, static)
+    assert got_layers.keys() == layers.keys()
+    for i, (threshold, weight) in layers.items():
+        assert got_layers[i][0] == threshold and torch.equal(got_layers[i][1], weight)
+    with torch.no_grad():
+        got = loaded(input_ids=ids, attention_mask=mask)
+        got_gen = loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.testing.assert_close(real_positions(got.logits, mask), real_positions(expected.logits, mask))
+    assert got.routing.executed_fraction() == expected.routing.executed_fraction()
+    assert torch.equal(got_gen, expected_gen)
+    detach_routers(loaded)
+    assert not hasattr(loaded.config, "routertune")
+
+
+def test_static_drop_round_trips_and_missing_router_weights_are_named(tmp_path, batch):
+    from safetensors.torch import load_file, save_file
+
+    from routertune_lib.models import load_model
+
+    dropped = attach_routers(tiny_model(), RouterConfig(layers=[1, 3]), static_drop=True)
+    loaded, _ = load_model(str(save_with_tokenizer(dropped, tmp_path / "drop")), device="cpu", dtype="float32")
+    assert loaded.routertune.static and loaded.routertune.layers == [1, 3]
+
+    routed = attach_routers(tiny_model(), RouterConfig(layers=[1, 3]))
+    path = save_with_tokenizer(routed, tmp_path / "routed")
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.3.router.weight"]
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lack \['model.layers.3.router.weight'\]"):
+        load_model(str(path), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_torch_save_of_a_routed_model_round_trips(tmp_path, level, batch):
+    ids, mask = batch
+    model = tiny_model("qwen2")
+    attach_routers(model, RouterConfig(target="block", level=level, num_layers=3))
+    mixed_routers(model, ids, mask)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        expected_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.model.layers[3]) is type(model.model.layers[3])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected)
+        assert torch.equal(loaded.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False),
+                           expected_gen)
+    detach_routers(loaded)
+    assert type(loaded.model.layers[3]).__name__ == "Qwen2DecoderLayer"

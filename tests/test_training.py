@@ -197,7 +197,15 @@ def test_calibration_hits_the_capacity_per_layer_token_level(capacity):
     model = _random_routers(tiny_model("llama"), "token")
     calib = [_random_batch(1, 8), _random_batch(2, 8)]
     thresholds = calibrate_thresholds(model, calib, capacity)
-    assert set(thresholds) == {2, 3, 4} and all(0 <= t <= 1 for t in thresholds.values())
+    assert set(thresholds) == {2, 3, 4}
+    # each threshold lies midway between the k-th and (k+1)-th largest of its layer's real-token scores (the layers
+    # before it already at their new thresholds, as they are now)
+    with torch.no_grad():
+        decisions = [d for b in calib for d in model(**b, use_cache=False).routing.decisions]
+    for i, t in thresholds.items():
+        s = torch.cat([d.score[d.weight.bool()] for d in decisions if d.layer == i]).sort(descending=True).values
+        k = round(capacity * len(s))
+        assert t == pytest.approx(float(s[k - 1] + s[k]) / 2)
     n = sum(int(b["attention_mask"].sum()) for b in calib)
     for fraction in _executed(model, calib).values():  # exact on the calibration data
         assert fraction == pytest.approx(round(capacity * n) / n, abs=1e-9)
@@ -241,6 +249,27 @@ def test_calibration_on_plain_texts_matches_the_same_tokens_as_batches():
     assert calibrate_thresholds(model, batches, 0.5) == pytest.approx(t_texts)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         calibrate_thresholds(model, texts, 0.5)
+
+
+def test_calibration_rejects_texts_without_tokens():
+    model = _random_routers(tiny_model("llama"), "sequence")
+    with pytest.raises(ValueError, match=r"calibration texts \[1\] have no tokens \(e.g. ''\)"):
+        calibrate_thresholds(model, ["abc", ""], 0.5, tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("row", [{"instruction": "add", "input": "2+2", "output": "4"}, "just a text"])
+def test_training_on_rows_that_are_not_conversations_says_what_to_use(tmp_path, row):
+    rows = conversations(7) + [row]
+    with pytest.raises(ValueError, match="row 7 is not a conversation .*load_instruction_data"):
+        train_routers(tiny_model("llama"), tiny_tokenizer(), rows, RouterConfig(num_layers=2), _config(tmp_path))
+
+
+def test_a_second_training_in_one_process_may_change_mixed_precision(tmp_path):
+    for precision in ("bf16", "no"):
+        model = tiny_model("llama")
+        result = train_routers(model, tiny_tokenizer(), conversations(8), RouterConfig(num_layers=2),
+                               _config(tmp_path, precision, mixed_precision=precision))
+        assert result.completed
 
 
 # -- multi-process ---------------------------------------------------------------------------------------------------

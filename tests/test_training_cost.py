@@ -15,6 +15,7 @@ TINY = dict(model=None, samples=8, held_out=4, max_length=128, global_batch=4, m
             steps_other=1)
 
 
+@pytest.mark.model  # tiny_random_model reads the SmolLM2 config and tokenizer, converted from its GGUF
 def test_each_method_runs_in_its_own_process_on_the_same_steps():
     config = CostConfig(**TINY)
     rows = measure_methods(config)
