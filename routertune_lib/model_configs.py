@@ -9,16 +9,25 @@ checks that the configuration gives it.
 :func:`shrunk_config` keeps the architecture class, attention type (heads : KV heads ratio, MLA ranks scaled),
 vocabulary size, RoPE, sliding window, tying and MoE routing (experts, top-k, shared experts, dense first layers)
 and shrinks depth and widths; :func:`build_shrunk` gives a seeded random model of it. :func:`full_size` counts the
-real model's parameters exactly (a meta-device instance: no memory).
+real model's parameters exactly (a meta-device instance: no memory). The real tokenizers cannot be had offline:
+:func:`stand_in_tokenizer` is SmolLM2's (ChatML template) cut to the smallest paper vocabulary (its first 32000 ids and
+the merges among them), so its ids fit every paper model; :func:`save_shrunk` writes model and tokenizer as a model
+directory that ``load_model`` reads like any other.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from .data import cache_dir
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,60 @@ def build_shrunk(name_or_hub_id: str, seed: int = 0, **shrink):
     return model
 
 
+STAND_IN_FROM = "smollm2-135m"
+
+
+def stand_in_tokenizer():
+    """SmolLM2's tokenizer restricted to ids below the smallest paper vocabulary (BPE vocabulary and merges cut,
+    special tokens and chat template kept); cached under ``<cache_dir()>/models/paper-stand-in-tokenizer``."""
+    from .models import BUILTIN_MODELS, _convert_builtin, builtin_cache_path
+
+    target = cache_dir() / "models" / "paper-stand-in-tokenizer"
+    if not target.is_dir():
+        source = builtin_cache_path(STAND_IN_FROM)
+        if not source.is_dir():
+            _convert_builtin(BUILTIN_MODELS[STAND_IN_FROM], source)
+        size = min(m.config["vocab_size"] for m in PAPER_CONFIGS.values())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".stand-in-") as scratch:
+            tmp = Path(scratch) / "tokenizer"
+            tmp.mkdir()
+            for f in source.iterdir():
+                if not f.name.startswith(("model", "config", "generation_config")):
+                    shutil.copy(f, tmp)
+            spec = json.loads((source / "tokenizer.json").read_text())
+            vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < size}
+            spec["model"]["vocab"] = vocab
+            spec["model"]["merges"] = [m for m in spec["model"]["merges"]
+                                       if m[0] in vocab and m[1] in vocab and m[0] + m[1] in vocab]
+            spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < size]
+            (tmp / "tokenizer.json").write_text(json.dumps(spec))
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+    return AutoTokenizer.from_pretrained(target)
+
+
+def save_shrunk(name_or_hub_id: str, out: str | Path, **shrink) -> Path:
+    """Write :func:`build_shrunk` with :func:`stand_in_tokenizer` (whose special-token ids the config takes) to the
+    model directory ``out`` (atomically: a sibling temp dir renamed into place); returns ``out``."""
+    out = Path(out)
+    tokenizer = stand_in_tokenizer()
+    model = build_shrunk(name_or_hub_id, **shrink)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, key, getattr(tokenizer, key))
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        tmp = Path(scratch) / "model"
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
 @dataclass(frozen=True)
 class ModelSize:
     """Exact sizes of a real paper model (from its config, counted on the meta device)."""
@@ -179,4 +242,4 @@ def full_size(name_or_hub_id: str) -> ModelSize:
 
 
 __all__ = ["PAPER_CONFIGS", "ModelSize", "PaperModel", "build_shrunk", "full_config", "full_size", "paper_model",
-           "shrunk_config"]
+           "save_shrunk", "shrunk_config", "stand_in_tokenizer"]
