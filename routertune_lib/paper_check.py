@@ -6,7 +6,8 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
 
 * models: ``load_model`` of a paper hub id (:data:`routertune_lib.model_configs.PAPER_CONFIGS`) writes
   :func:`~routertune_lib.model_configs.save_shrunk` (real architecture class, attention type, vocabulary, RoPE,
-  sliding window, MoE routing; 2 layers, width 64; the stand-in tokenizer) and loads that directory through the real
+  sliding window, MoE routing and depth -- notebooks route ``N // 2`` or the paper's layer counts --; width 64, 8
+  experts; the stand-in tokenizer) and loads that directory through the real
   ``load_model`` in bfloat16, the dtype ``load_model`` picks on a bf16 GPU (device placement: ``load_model``'s own);
 * evaluation: ``evaluate`` runs the paper's tasks and shots on :data:`CHECK_DOCS` docs per task;
 * router tuning: ``train_routers`` runs one optimizer step of one micro batch (the paper's ``micro_batch``,
@@ -46,6 +47,7 @@ from pathlib import Path
 log = logging.getLogger("routertune.paper_check")
 
 CHECK_DOCS = 4  # evaluated docs per task
+CHECK_WIDTH = 64  # hidden size of the shrunk models (their depth is the real one)
 CHECK_NEW_TOKENS = 4  # generated tokens per timing run
 GPU = dict(name="A100 80GB", peak_flops=312e12, mfu=0.4, hbm_bytes_per_s=2.0e12, memory_bytes=80e9)
 ACT_BYTES_PER_HIDDEN = 34  # bytes per token per layer per hidden unit kept for backward (Korthikanti et al. 2022)
@@ -75,7 +77,7 @@ def install(record: str, models_dir: str | None = None) -> None:
         importlib.import_module(info.name)
     from . import evaluation, models, speed, training, training_cost
     from .data import cache_dir
-    from .model_configs import PAPER_CONFIGS, save_shrunk
+    from .model_configs import PAPER_CONFIGS, full_config, save_shrunk
 
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
     load_model, evaluate = models.load_model, evaluation.evaluate
@@ -86,9 +88,10 @@ def install(record: str, models_dir: str | None = None) -> None:
     def check_load_model(name_or_path=models.DEFAULT_MODEL, device=None, dtype=None):
         if name_or_path not in PAPER_CONFIGS:
             return load_model(name_or_path, device=device, dtype=dtype)
-        local = root / name_or_path.replace("/", "__")
+        depth = full_config(name_or_path).num_hidden_layers  # notebooks route N // 2 or a paper's layer count
+        local = root / f"{name_or_path.replace('/', '__')}-L{depth}-d{CHECK_WIDTH}"
         if not local.is_dir():
-            save_shrunk(name_or_path, local)
+            save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
         model, tokenizer = load_model(str(local), device=device, dtype=dtype or "bfloat16")
         model.config.name_or_path = name_or_path
         _record(record, kind="model", model=name_or_path, device=str(model.device), dtype=str(model.dtype))
@@ -162,7 +165,7 @@ def _with_install_cell(notebook: Path, record: Path, models_dir: Path | None) ->
 
 
 def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None,
-                    models_dir: Path | None = None) -> dict[str, list[dict]]:
+                    models_dir: Path | None = None) -> dict[str, dict]:
     """Run each notebook (``only``: their stems) in the ``paper`` profile with :func:`install`; executed copies go to
     ``out_dir`` (default ``<cache_dir()>/paper-check/executed``), results under ``out_dir/results`` (never the
     paper results). Returns ``{notebook: [workload records]}``; a failing notebook raises papermill's error."""
@@ -172,7 +175,7 @@ def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir:
 
     out_dir = out_dir or cache_dir() / "paper-check" / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: dict[str, list[dict]] = {}
+    records: dict[str, dict] = {}
     library = str(Path(__file__).resolve().parent.parent)  # the kernel imports this checkout's routertune_lib
     env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"),
            "PYTHONPATH": os.pathsep.join(filter(None, [library, os.environ.get("PYTHONPATH")]))}
@@ -188,9 +191,15 @@ def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir:
                 source = Path(tmp) / nb.name
                 source.write_text(json.dumps(_with_install_cell(nb, record, models_dir)))
                 log.info("check %s (profile paper, shrunk models) -> %s", nb.name, out_dir / nb.name)
-                pm.execute_notebook(str(source), str(out_dir / nb.name), parameters={"profile": "paper"},
-                                    cwd=str(notebooks_dir))
-                records[nb.stem] = [json.loads(line) for line in record.read_text().splitlines()]
+                error = None
+                try:
+                    pm.execute_notebook(str(source), str(out_dir / nb.name), parameters={"profile": "paper"},
+                                        cwd=str(notebooks_dir))
+                except pm.PapermillExecutionError as err:
+                    error = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {out_dir / nb.name})"
+                    log.error("%s failed: %s", nb.name, error)
+                records[nb.stem] = {"records": [json.loads(line) for line in record.read_text().splitlines()],
+                                    "error": error}
     finally:
         for k, v in previous.items():
             if v is None:
@@ -303,25 +312,27 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
             "models": sorted(models), "parts": parts}
 
 
-def report(records: dict[str, list[dict]]) -> list[str]:
-    """One line per notebook: models, estimated GPU hours (by part) and peak memory on :data:`GPU`."""
+def report(records: dict[str, dict]) -> list[str]:
+    """One line per notebook: FAILED with its error, or passed; models, estimated GPU hours (by part) and peak
+    memory on :data:`GPU` (of the workload recorded up to a failure)."""
     tokens = _Tokens()
     lines = [f"Estimated for the real models on one {GPU['name']} ({GPU['mfu']:.0%} of {GPU['peak_flops'] / 1e12:.0f}"
              f" TFLOP/s bf16, {GPU['hbm_bytes_per_s'] / 1e12:.1f} TB/s; formulas: routertune_lib/paper_check.py):"]
-    for nb, recs in records.items():
-        e = estimate(recs, tokens)
+    for nb, run in records.items():
+        e = estimate(run["records"], tokens)
         parts = ", ".join(f"{k} {v / 3600:.1f} h" for k, v in e["parts"].items())
-        lines.append(f"  {nb}: {e['gpu_s'] / 3600:.1f} GPU-h ({parts}); peak memory {e['peak_bytes'] / 1e9:.0f} GB"
-                     f"{'' if e['fits'] else ' -- MORE THAN ONE GPU HOLDS'}; models {', '.join(e['models'])}")
+        status = f"FAILED {run['error']}\n    (up to the failure) " if run["error"] else "passed; "
+        lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.1f} GPU-h ({parts}); peak memory "
+                     f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- MORE THAN ONE GPU HOLDS'}; models "
+                     f"{', '.join(e['models'])}")
     return lines
 
 
-def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None) -> list[str]:
-    """:func:`check_notebooks` then :func:`report`; prints and returns the report lines."""
+def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None) -> bool:
+    """:func:`check_notebooks` then :func:`report` (printed); True when every notebook passed."""
     records = check_notebooks(notebooks_dir, only, out_dir)
-    lines = report(records)
-    print("\n".join(lines), flush=True)
-    return lines
+    print("\n".join(report(records)), flush=True)
+    return not any(run["error"] for run in records.values())
 
 
 __all__ = ["CHECK_DOCS", "GPU", "check_notebooks", "estimate", "install", "report", "run_check"]

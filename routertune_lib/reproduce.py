@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--check checks the paper profile; got --profile {args.profile}")
         from .paper_check import run_check
 
-        run_check(ROOT / "notebooks", args.only)
+        if not run_check(ROOT / "notebooks", args.only):
+            raise SystemExit(1)
         return
     run_notebooks(args.profile, ROOT / "notebooks", args.only, args.force)
 
