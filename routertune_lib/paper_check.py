@@ -168,7 +168,8 @@ def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir:
                     models_dir: Path | None = None) -> dict[str, dict]:
     """Run each notebook (``only``: their stems) in the ``paper`` profile with :func:`install`; executed copies go to
     ``out_dir`` (default ``<cache_dir()>/paper-check/executed``), results under ``out_dir/results`` (never the
-    paper results). Returns ``{notebook: [workload records]}``; a failing notebook raises papermill's error."""
+    paper results). Returns ``{notebook: {"records": [workload records], "error": None or the notebook's
+    exception}}``; a failing notebook does not stop the others."""
     import papermill as pm
 
     from .data import cache_dir
@@ -320,10 +321,10 @@ def report(records: dict[str, dict]) -> list[str]:
              f" TFLOP/s bf16, {GPU['hbm_bytes_per_s'] / 1e12:.1f} TB/s; formulas: routertune_lib/paper_check.py):"]
     for nb, run in records.items():
         e = estimate(run["records"], tokens)
-        parts = ", ".join(f"{k} {v / 3600:.1f} h" for k, v in e["parts"].items())
+        parts = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in e["parts"].items())
         status = f"FAILED {run['error']}\n    (up to the failure) " if run["error"] else "passed; "
-        lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.1f} GPU-h ({parts}); peak memory "
-                     f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- MORE THAN ONE GPU HOLDS'}; models "
+        lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.2f} GPU-h ({parts}); peak memory "
+                     f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- EXCEEDS ONE GPU'}; models "
                      f"{', '.join(e['models'])}")
     return lines
 
