@@ -21,8 +21,8 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
   where logits are kept); router tuning and LoRA ``4 * N * tokens`` (forward, backward through activations, no weight
   gradients), full fine-tuning ``6 * N * tokens``; at ``GPU["mfu"]`` of the bf16 peak.
 * decode steps (generation, timing) are memory bound: ``weights bytes / HBM bandwidth`` per step.
-* tokens: evaluation = docs (the full eval split) x the mean prefill tokens of the task's prompts at the paper shots
-  (stand-in tokenizer, 32 prompts) + generated tokens; tuning = conversations x epochs x mean conversation tokens
+* tokens: evaluation = docs (the full eval split) x the mean tokens of 32 of the task's 0-shot prompts (stand-in
+  tokenizer) x (1 + shots) + generated tokens; tuning = conversations x epochs x mean conversation tokens
   (chat template, capped at ``max_length``).
 * memory: bf16 weights (2 bytes/parameter) + the largest of: the KV cache of a timing batch (batch x (prompt + new
   tokens) x KV bytes/token), router-tuning activations (micro batch x longest conversation x layers x
@@ -221,16 +221,16 @@ class _Tokens:
         from .model_configs import stand_in_tokenizer
 
         self.tok = stand_in_tokenizer()
-        self._prompt: dict[tuple, float] = {}
+        self._prompt: dict[str, float] = {}
         self._conv: dict[tuple, tuple[float, int]] = {}
 
     def prompt(self, task: str, shots: int) -> float:
         from .evaluation import task_prompts
 
-        if (task, shots) not in self._prompt:
-            texts = task_prompts(task, PROMPT_SAMPLE, num_fewshot=shots)
-            self._prompt[task, shots] = sum(len(self.tok(t)["input_ids"]) for t in texts) / len(texts)
-        return self._prompt[task, shots]
+        if task not in self._prompt:
+            texts = task_prompts(task, PROMPT_SAMPLE)
+            self._prompt[task] = sum(len(self.tok(t)["input_ids"]) for t in texts) / len(texts)
+        return self._prompt[task] * (1 + shots)  # a few-shot example is about as long as a question
 
     def conversations(self, source: str, max_length: int) -> tuple[float, int]:
         """(mean, longest) tokens of 64 conversations of ``source`` rendered with the chat template, capped at
@@ -238,8 +238,9 @@ class _Tokens:
         from .data import load_instruction_data
 
         if (source, max_length) not in self._conv:
-            lengths = [min(len(self.tok.apply_chat_template(c["messages"], tokenize=True)), max_length)
-                       for c in load_instruction_data(source, limit=64)]
+            rendered = [self.tok.apply_chat_template(c["messages"], return_dict=True)["input_ids"]
+                        for c in load_instruction_data(source, limit=64)]
+            lengths = [min(len(ids), max_length) for ids in rendered]
             self._conv[source, max_length] = (sum(lengths) / len(lengths), max(lengths))
         return self._conv[source, max_length]
 

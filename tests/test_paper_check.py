@@ -66,7 +66,7 @@ def test_shrunk_model_keeps_the_architecture_and_runs_with_routers(hub_id):
 def test_stand_in_tokenizer_fits_every_vocabulary():
     tok = stand_in_tokenizer()
     assert len(tok) <= min(m.config["vocab_size"] for m in PAPER_CONFIGS.values())
-    ids = tok.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}], tokenize=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}], return_dict=True)["input_ids"]
     assert tok.decode(ids).count("Is the sky blue?") == 1
 
 
