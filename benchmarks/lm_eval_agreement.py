@@ -1,8 +1,8 @@
 """Agreement and speed of routertune's harness against LM-Evaluation-Harness 0.4.x on the same docs and model.
 
 For each task the evaluated subset of our rows (``load_task``, same seeded ``limit`` subset as ``evaluate``) is
-exported to JSONL, and a task YAML is written (in a temp dir) that ``include``s lm-eval's own task config and only
-points it at the local file (``dataset_path: json``, ``dataset_kwargs.data_files``). MMLU gets one YAML per sampled
+exported to JSONL with a task YAML (in a temp dir) that ``include``s lm-eval's own task config and only points it at
+the local file (``routertune_lib.lm_eval_model.export_task``). MMLU gets one YAML per sampled
 subject including lm-eval's ``mmlu_<subject>.yaml``; its metric is the accuracy over all questions (the size-weighted
 group mean). lm-eval's ``hf`` model (HFLM) wraps the same loaded model object; both harnesses use the same batch
 size. Prints per task: both metrics, per-example choice disagreements, max |loglik difference|, examples/s, and
@@ -16,7 +16,6 @@ writes the table (plus a TOTAL row: summed times) to ``results/lm_eval_agreement
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import sys
@@ -29,82 +28,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from routertune_lib import data
 from routertune_lib import evaluation as ev
+from routertune_lib.lm_eval_model import export_task
+from routertune_lib.lm_eval_model import lm_eval_yaml as _find_yaml  # noqa: F401 (tests render lm-eval's YAMLs)
 from routertune_lib.reporting import run_info, write_json, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def lm_eval_task_dir() -> Path:
-    import lm_eval
-
-    return Path(lm_eval.__file__).parent / "tasks"
-
-
-def _find_yaml(name: str) -> Path:
-    tasks = lm_eval_task_dir()
-    known = {
-        "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-        "boolq": "super_glue/boolq/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
-        "openbookqa": "openbookqa/openbookqa.yaml", "piqa": "piqa/piqa.yaml", "rte": "glue/rte/default.yaml",
-        "winogrande": "winogrande/default.yaml",
-    }
-    if name.startswith("mmlu_"):
-        return tasks / "mmlu" / "default" / f"{name}.yaml"
-    return tasks / known[name]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-
-
-def export_task(name: str, limit: int | None, seed: int, shots: int, out: Path) -> list[tuple[str, list[int]]]:
-    """Write JSONL + YAML(s) for one task; returns [(lm-eval task name, our doc ids in file order)]."""
-    info = data.TASKS[name]
-    ds = data.load_task(name)
-    idx = ev.subset_indices(len(ds), limit, seed, name)
-    rows = ds.select(idx).to_list()
-    few = data.load_task(name, "fewshot").to_list() if shots else None
-    parts: list[tuple[str, list[dict], list[int], list[dict] | None]] = []
-    if name == "mmlu":
-        by, ids = defaultdict(list), defaultdict(list)
-        for i, r in zip(idx, rows):
-            by[r["subject"]].append(r)
-            ids[r["subject"]].append(i)
-        fby = defaultdict(list)
-        for r in few or []:
-            fby[r["subject"]].append(r)
-        parts = [(f"mmlu_{s}", by[s], ids[s], fby.get(s)) for s in sorted(by)]
-    else:
-        parts = [(name, rows, idx, few)]
-    made = []
-    for lm_name, prows, pidx, pfew in parts:
-        ours = f"rtagree_{lm_name}"
-        files = {"eval": str(out / f"{ours}.jsonl")}
-        _write_jsonl(Path(files["eval"]), prows)
-        lines = [
-            f"include: {_find_yaml(lm_name)}", f"task: {ours}", "tag: []", "dataset_path: json", "dataset_name: null",
-        ]
-        split_files = {info.eval_split: files["eval"]}
-        if pfew is not None:
-            fpath = out / f"{ours}.fewshot.jsonl"
-            _write_jsonl(fpath, pfew)
-            fs_split = "dev" if name == "mmlu" else info.fewshot_split
-            if fs_split == info.eval_split:  # the RTE fallback: lm-eval's config samples from "train"
-                fs_split = "train"
-            split_files[fs_split] = str(fpath)
-        lines.append("dataset_kwargs:\n  data_files:\n" + "".join(f"    {k}: {v}\n" for k, v in split_files.items()))
-        for key in ("training_split", "validation_split", "test_split"):
-            want = {"training_split": "train", "validation_split": "validation", "test_split": "test"}[key]
-            lines.append(f"{key}: {want if want in split_files else 'null'}")
-        if name == "mmlu":
-            lines.append(f"fewshot_split: {'dev' if pfew is not None else 'null'}")
-        (out / f"{ours}.yaml").write_text("\n".join(lines) + "\n")
-        made.append((ours, pidx))
-    return made
 
 
 def lm_eval_requests(name: str, limit: int | None, seed: int, shots: int, out: Path) -> list[list[tuple[str, str]]]:

@@ -102,8 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=os.environ.get("PROFILE", "cpu"), choices=PROFILES)
     parser.add_argument("--only", nargs="+", metavar="NAME", help="notebook names (without .ipynb) to run")
     parser.add_argument("--force", action="store_true", help="re-run notebooks that finished earlier")
+    parser.add_argument("--check", action="store_true",
+                        help="with --profile paper: run each notebook's paper code path on shrunk models on this "
+                             "machine and print the GPU time and memory the real run needs (routertune_lib.paper_check)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.check:
+        if args.profile != "paper":
+            parser.error(f"--check checks the paper profile; got --profile {args.profile}")
+        from .paper_check import run_check
+
+        if not run_check(ROOT / "notebooks", args.only):
+            raise SystemExit(1)
+        return
     try:
         run_notebooks(args.profile, ROOT / "notebooks", args.only, args.force)
     except ValueError as e:

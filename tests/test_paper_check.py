@@ -1,0 +1,101 @@
+"""The paper models' configurations (checked against their model cards), shrunk builds with routers, the GPU
+estimates, and ``reproduce --profile paper --check`` on a notebook."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from routertune_lib.model_configs import (PAPER_CONFIGS, build_shrunk, full_config, full_size, paper_model,
+                                          shrunk_config, stand_in_tokenizer)
+from routertune_lib.moe import expert_router_config, moe_layers
+from routertune_lib.paper import PAPER_MODELS
+from routertune_lib.routing import RouterConfig, attach_routers, routed_layers, routing_mode
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def test_every_paper_and_notebook_model_has_a_config():
+    names = {m.name for m in PAPER_CONFIGS.values()}
+    assert {*PAPER_MODELS} <= names
+    assert {"Llama-3-8B-Instruct", "OLMoE-1B-7B", "DeepSeek-V2-Lite"} <= names
+    for m in PAPER_MODELS.values():  # the hub ids the notebooks load
+        assert m["hub_id"] in PAPER_CONFIGS
+        assert full_config(m["hub_id"]).num_hidden_layers == m["num_layers"]
+    text = "".join(p.read_text() for p in NOTEBOOKS.glob("[0-9]*.ipynb"))
+    for hub_id in ("allenai/OLMoE-1B-7B-0924", "deepseek-ai/DeepSeek-V2-Lite"):
+        assert hub_id in text and hub_id in PAPER_CONFIGS
+
+
+@pytest.mark.parametrize("hub_id", sorted(PAPER_CONFIGS))
+def test_config_gives_the_model_card_size(hub_id):
+    """Total parameters within 1% of the model card; MoE: active parameters (with or without the input embedding,
+    as cards differ) within 5%."""
+    m, size = paper_model(hub_id), full_size(hub_id)
+    assert size.params == pytest.approx(m.card_params, rel=0.01)
+    if m.card_active:
+        assert min(abs(size.active - m.card_active), abs(size.active - size.embedding - m.card_active)) \
+            < 0.05 * m.card_active
+
+
+@pytest.mark.parametrize("hub_id", sorted(PAPER_CONFIGS))
+def test_shrunk_model_keeps_the_architecture_and_runs_with_routers(hub_id):
+    real, small = full_config(hub_id), shrunk_config(hub_id)
+    assert type(small) is type(real) and small.vocab_size == real.vocab_size
+    assert small.num_hidden_layers == 2
+    assert (small.num_attention_heads == small.num_key_value_heads) == \
+        (real.num_attention_heads == real.num_key_value_heads)  # MHA stays MHA, GQA stays GQA
+    for key in ("rope_theta", "sliding_window", "tie_word_embeddings", "num_experts_per_tok", "n_shared_experts"):
+        assert getattr(small, key, None) == getattr(real, key, None), key
+    model = build_shrunk(hub_id)
+    assert model.config.model_type == real.model_type and type(model).__name__.endswith("ForCausalLM")
+    moe = real.model_type in ("olmoe", "deepseek_v2")
+    config = (expert_router_config(model, capacity=0.5) if moe
+              else RouterConfig(target="attn", level="sequence", num_layers=1, capacity=0.5))
+    attach_routers(model, config)
+    assert routed_layers(model) if not moe else moe_layers(model)
+    ids = torch.randint(0, 32000, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with routing_mode(model, "real"):
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.logits.shape == (2, 7, real.vocab_size) and torch.isfinite(out.logits[mask.bool()]).all()
+
+
+def test_stand_in_tokenizer_fits_every_vocabulary():
+    tok = stand_in_tokenizer()
+    assert len(tok) <= min(m.config["vocab_size"] for m in PAPER_CONFIGS.values())
+    ids = tok.apply_chat_template([{"role": "user", "content": "Is the sky blue?"}], return_dict=True)["input_ids"]
+    assert tok.decode(ids).count("Is the sky blue?") == 1
+
+
+def test_estimate_scales_with_the_workload():
+    from routertune_lib.paper_check import GPU, estimate
+
+    speed = dict(kind="speed", model="meta-llama/Meta-Llama-3-8B", settings=2, prompts=64, prompt_len=512,
+                 batch_size=32, new_tokens=128, repeats=3)
+    one, two = estimate([speed]), estimate([speed, speed])
+    assert two["gpu_s"] == pytest.approx(2 * one["gpu_s"])
+    # decode dominates: 2 settings x 3 repeats x 2 batches x 128 steps, each reading 16 GB of bf16 weights
+    assert one["gpu_s"] > 2 * 3 * 2 * 128 * 2 * 8.03e9 / GPU["hbm_bytes_per_s"]
+    assert one["peak_bytes"] > 2 * 8.03e9 and one["fits"]
+    full = dict(kind="cost", model="meta-llama/Meta-Llama-3-8B", method="full", samples=1000, global_batch=64,
+                micro_batch=1, max_length=2048, steps_other=3)
+    assert not estimate([full])["fits"]  # weights + gradients + AdamW moments of an 8B model: > 80 GB
+    assert estimate([dict(kind="eval", model="smollm2-135m", tasks=["piqa"], shots=0, limit=None,
+                          batch_size=16)])["gpu_s"] == 0.0  # not a paper model: not estimated
+
+
+@pytest.mark.data
+def test_reproduce_check_runs_a_notebook(tmp_path, capsys):
+    """``reproduce --profile paper --check`` on notebook 04 (Llama-3-8B shrunk: Router-Tuning, LoRA and full
+    fine-tuning at the paper's length, micro batch and bf16 autocast). The full check runs every notebook (README)."""
+    from routertune_lib.paper_check import run_check
+
+    assert run_check(NOTEBOOKS, only=["04_training_cost"], out_dir=tmp_path)
+    executed = json.loads((tmp_path / "04_training_cost.ipynb").read_text())
+    assert not executed["metadata"]["papermill"]["exception"] and executed["metadata"]["papermill"]["end_time"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "04_training_cost" in x)
+    assert "passed" in line and "GPU-h" in line and "meta-llama/Meta-Llama-3-8B" in line
+    assert "EXCEEDS ONE GPU" in line  # full fine-tuning of 8B parameters with AdamW: > 80 GB
