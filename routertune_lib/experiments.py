@@ -26,13 +26,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .batching import forward_batches
 from .data import cache_dir, load_instruction_data
 from .evaluation import PAPER_TASKS, EvalResults, compare, model_fingerprint
 from .models import BUILTIN_MODELS, load_model, model_identity, tiny_random_model
 from .reporting import write_atomic
 from .routing import RouterConfig, RoutingContext, RoutingTrace, detach_routers, routed_layers
 from .speed import compare_settings, prompt_pool
-from .training import TrainConfig, _calibration_batches, train_routers
+from .training import TrainConfig, train_routers
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def router_record(path: str | Path) -> dict:
 def conversation_batches(conversations, tokenizer, max_length: int, batch_size: int = 8, device=None) -> list[dict]:
     """Chat-template tokenized, right-padded batches ``{input_ids, attention_mask}`` (for ``module_importance`` or
     ``calibrate_thresholds``)."""
-    return _calibration_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
+    return forward_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
 
 
 def randomize_routers(model, seed: int = 0) -> None:
@@ -248,7 +249,7 @@ def executed_fractions(model, data, tokenizer=None, max_length: int = 2048, batc
     with ``tokenizer``, or ``input_ids`` batches), in the model's routing mode."""
     device = next(model.parameters()).device
     counts: dict[int, list[float]] = {}
-    for b in _calibration_batches(data, tokenizer, batch_size, max_length, device):
+    for b in forward_batches(data, tokenizer, batch_size, max_length, device):
         ctx = RoutingContext(model.routertune.mode, b["attention_mask"], RoutingTrace())
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
         for layer, (e, n) in ctx.trace.counts().items():

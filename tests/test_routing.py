@@ -9,7 +9,10 @@ from conftest import CONFIGS, left_padded_batch, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from routertune_lib.routing import (
+    MODES,
     RouterConfig,
+    RoutingContext,
+    RoutingTrace,
     attach_routers,
     detach_routers,
     load_routers,
@@ -252,6 +255,44 @@ def test_straight_through_gradient_reaches_zero_routers(target, level, batch):
     out.loss.backward()
     for layer in routed_layers(model).values():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training_forward", MODES)
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_router_gradient_by_training_forward_and_skipped_inputs(target, level, training_forward, batch):
+    """Both training forwards pass the straight-through gradient to the router through kept inputs; with ``real``,
+    a skipped input's layer output does not depend on the router at all (no task-loss gradient), with ``masked`` it
+    does (its sub-layer output times a 0 that carries the gradient)."""
+    ids, mask = batch
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach_routers(model, RouterConfig(target=target, level=level, layers=[3]))
+    mixed_routers(model, ids, mask)
+    layer = routed_layers(model)[3]
+    outputs = []
+    hook = layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    ctx = RoutingContext(training_forward, mask, RoutingTrace(), training_forward=training_forward)
+    model(input_ids=ids, attention_mask=mask, routing_context=ctx, use_cache=False)
+    hook.remove()
+    (d,) = ctx.trace.decisions
+    keep = d.keep.detach().bool() if level == "token" else d.keep.detach().bool()[:, None].expand(mask.shape)
+    real = mask.bool()
+    out = outputs[0]  # [B, T, d] the routed layer's output
+    assert (keep & real).any() and (~keep & real).any()
+
+    def router_grad(positions):
+        (g,) = torch.autograd.grad(out[positions].sum(), layer.router.weight, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(layer.router.weight) if g is None else g
+
+    assert router_grad(keep & real).abs().sum() > 0
+    skipped = router_grad(~keep & real).abs().sum()
+    assert skipped == 0 if training_forward == "real" else skipped > 0
+
+
+def test_routing_context_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="training_forward must be one of .*'soft'"):
+        RoutingContext("real", None, RoutingTrace(), training_forward="soft")
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
