@@ -2,7 +2,8 @@
 
 An MoE block's gate assigns every token to ``k`` of its ``E`` experts (``top_k_index``/``top_k_weights``, ``[N, k]``
 over the ``N = B*T`` flattened tokens). Expert routing adds, per routed MoE layer, a zero-initialised
-``Linear(d, E, bias=False)``: row ``e`` is expert ``e``'s router. It reads the same hidden states the experts get:
+``Linear(d, E, bias=RouterConfig.router_bias)``: row ``e`` is expert ``e``'s router. It reads the same hidden states
+the experts get:
 
     score  = sigmoid(router(x))                      # [N, E]   every expert's score of every token
     s      = score.gather(1, top_k_index)            # [N, k]   the scores of the token's assigned experts
@@ -59,6 +60,7 @@ from .routing import (
     routing_mode,
     routing_post_hook,
     routing_pre_hook,
+    zero_router,
 )
 
 EXPERTS = "experts"  # RouterConfig.target of expert routers (token level), registered with routing below
@@ -259,10 +261,9 @@ def _attach(model: nn.Module, config: RouterConfig, dropped: dict[int, list[int]
         experts.__class__ = mixed_class(ExpertRoutingMixin, type(experts))
         experts.routing = ExpertRouting(i, E, config.threshold, drop)
         experts.router = None
-        experts._routing_context = None
         if dropped is None:
-            experts.router = nn.Linear(model.config.hidden_size, E, bias=False, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(experts.router.weight)
+            experts.router = zero_router(model.config.hidden_size, E, config.router_bias, ref)
+        experts._routing_context = None
     setup = RoutingSetup(config=config, layers=indices, static=dropped is not None, module_path=spec.experts)
     setup.hooks = [
         model.register_forward_pre_hook(_distribute_context, with_kwargs=True),

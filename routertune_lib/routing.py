@@ -1,7 +1,8 @@
 """Routers that let decoder layers skip attention, MLP or the whole block, per sequence or per token.
 
 A granularity is two fields: ``target`` in {attn, mlp, block} chooses which sub-layers a router gates, ``level`` in
-{sequence, token} chooses what one decision covers. Every routed layer runs the same code path:
+{sequence, token} chooses what one decision covers. Targets are registered (``register_target``): this module
+registers attn, mlp and block; ``routertune_lib.moe`` registers ``experts``. Every routed layer runs the same code path:
 
     x      = pre_attn_norm(h)                       # [B, T, d]   what attention sees; the router reads it
     score  = sigmoid(router(x))                     # [B, T]      token level
@@ -119,6 +120,9 @@ class RouterConfig:
         ``"linear"`` (the released 2024 code, ``gradient_scale * mean(hard decision)`` per routed layer): ``lambda *
         sum over routed layers of c_l``, ``c_l`` the layer's executed fraction; no target (``capacity`` is unused),
         it pushes every layer's capacity down until the task loss balances it.
+    router_bias: give each router a learnable, zero-initialised bias (per routed layer; per expert for ``experts``), so
+        a layer can move its scores as a whole relative to the threshold. ``False`` (default): ``Linear(d, n,
+        bias=False)``, the routers of the paper's method as implemented so far. Either way a fresh router scores 0.5.
     """
 
     target: str = "attn"
@@ -129,6 +133,7 @@ class RouterConfig:
     capacity: float = 0.5
     capacity_weight: float = 0.1
     capacity_loss: str = "hinge"
+    router_bias: bool = False
 
     def __post_init__(self):
         target = _TARGET_REGISTRY.get(self.target)
@@ -160,6 +165,8 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.capacity_loss must be one of {CAPACITY_LOSSES} ('hinge': the paper's "
                              f"ReLU(capacity - target), 'linear': the released code's summed per-layer capacity), got "
                              f"{self.capacity_loss!r}")
+        if not isinstance(self.router_bias, bool):
+            raise ValueError(f"RouterConfig.router_bias must be True or False, got {self.router_bias!r}")
 
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The routed layer indices for a model with ``num_hidden_layers`` layers."""
@@ -365,7 +372,8 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 class RoutedLayerMixin:
     """Mixed into a decoder layer's own class by ``attach_routers``; adds ``router`` and re-composes ``forward``.
 
-    The base layer's parameters and state-dict keys are unchanged; the router adds ``router.weight`` only.
+    The base layer's parameters and state-dict keys are unchanged; the router adds ``router.weight`` (and
+    ``router.bias`` with ``RouterConfig.router_bias``) only.
     """
 
     routing: LayerRouting
@@ -605,14 +613,24 @@ def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool 
     """Add routers for ``config.target`` to ``model``, in place; returns ``model``.
 
     Dispatches to the target's registered ``attach`` (``register_target``). For ``attn`` / ``mlp`` / ``block`` each
-    routed layer gets a zero-initialised ``Linear(d, 1, bias=False)`` router; with ``static_drop=True`` the selected
-    layers get no router and are always skipped (the paper's Layer Drop / Attention Drop baseline), through the same
-    real-skip path. Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly
-    the dense model. ``experts`` attaches expert routers to the MoE blocks (``moe.attach_expert_routers``).
+    routed layer gets a zero-initialised ``Linear(d, 1, bias=config.router_bias)`` router; with ``static_drop=True``
+    the selected layers get no router and are always skipped (the paper's Layer Drop / Attention Drop baseline),
+    through the same real-skip path. Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model
+    computes exactly the dense model. ``experts`` attaches expert routers to the MoE blocks
+    (``moe.attach_expert_routers``).
     """
     if getattr(model, "routertune", None) is not None:
         raise ValueError("This model already has routers; call detach_routers(model) first.")
     return _TARGET_REGISTRY[config.target].attach(model, config, static_drop=static_drop)
+
+
+def zero_router(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """A router ``Linear(in_features, out_features, bias=bias)`` with every parameter zero (it scores every input
+    0.5), on ``like``'s device and dtype."""
+    router = nn.Linear(in_features, out_features, bias=bias, device=like.device, dtype=like.dtype)
+    for p in router.parameters():
+        nn.init.zeros_(p)
+    return router
 
 
 def _attach_layer_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool) -> nn.Module:
@@ -627,10 +645,7 @@ def _attach_layer_routers(model: nn.Module, config: RouterConfig, *, static_drop
         layer.routing = LayerRouting(
             i, config.target, config.level, config.threshold, arch, fixed_keep=False if static_drop else None
         )
-        layer.router = None
-        if not static_drop:
-            layer.router = nn.Linear(model.config.hidden_size, 1, bias=False, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(layer.router.weight)
+        layer.router = None if static_drop else zero_router(model.config.hidden_size, 1, config.router_bias, ref)
     setup = RoutingSetup(config=config, layers=indices, static=static_drop)
     setup.hooks = [
         model.register_forward_pre_hook(routing_pre_hook, with_kwargs=True),
@@ -675,8 +690,24 @@ def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The router weights, in layer order (the only parameters Router-Tuning trains)."""
-    return [layer.router.weight for layer in routed_layers(model).values() if layer.router is not None]
+    """The router parameters (weight, and bias with ``RouterConfig.router_bias``), in layer order (the only
+    parameters Router-Tuning trains)."""
+    return [p for layer in routed_layers(model).values() if layer.router is not None for p in layer.router.parameters()]
+
+
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"layers.<i>.router.<weight|bias>": float32 CPU tensor}``: what ``save_routers`` stores."""
+    return {f"layers.{i}.router.{name}": p.detach().float().cpu().contiguous()
+            for i, layer in routed_layers(model).items() if layer.router is not None
+            for name, p in layer.router.named_parameters()}
+
+
+def load_router_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``router_state`` tensors into the model's routers (same routed layers and router shapes)."""
+    for i, layer in routed_layers(model).items():
+        if layer.router is not None:
+            layer.router.load_state_dict({name: tensors[f"layers.{i}.router.{name}"]
+                                          for name, _ in layer.router.named_parameters()})
 
 
 def set_thresholds(model: nn.Module, thresholds: float | dict[int, float]) -> None:
@@ -713,11 +744,7 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     """
     setup = _setup(model)
     layers = routed_layers(model)
-    tensors = {
-        f"layers.{i}.router.weight": layer.router.weight.detach().float().cpu().contiguous()
-        for i, layer in layers.items()
-        if layer.router is not None
-    }
+    tensors = router_state(model)
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(asdict(setup.config)),
@@ -757,9 +784,6 @@ def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     elif asdict(setup.config) != asdict(config) or setup.static != static:
         raise ValueError(f"The model's routers ({setup.config}) differ from the checkpoint's ({config}); "
                          "detach_routers(model) first")
-    tensors = load_file(str(path))
-    for i, layer in routed_layers(model).items():
-        if layer.router is not None:
-            layer.router.weight.data.copy_(tensors[f"layers.{i}.router.weight"])
+    load_router_state(model, load_file(str(path)))
     set_thresholds(model, {int(i): t for i, t in json.loads(metadata["thresholds"]).items()})
     return model

@@ -52,6 +52,7 @@ from .routing import (
     RoutingContext,
     RoutingTrace,
     attach_routers,
+    load_router_state,
     router_parameters,
     routed_layers,
     save_routers,
@@ -493,10 +494,7 @@ def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
 
 def _restore_checkpoint(run: _Run, base, train_model, optimizer, scheduler) -> int:
     """Load the resumed checkpoint's routers, adapters, optimizer, scheduler and this process's RNG; its step."""
-    weights = load_file(str(run.resumed_from / "routers.safetensors"))
-    for i, layer in routed_layers(base).items():
-        if layer.router is not None:
-            layer.router.weight.data.copy_(weights[f"layers.{i}.router.weight"])
+    load_router_state(base, load_file(str(run.resumed_from / "routers.safetensors")))
     if run.cfg.lora is not None:
         from peft import set_peft_model_state_dict
 

@@ -216,6 +216,18 @@ def test_linear_capacity_loss_pushes_capacity_below_the_hinge_target(tmp_path):
     assert capacities[-1] < 0.5, capacities
 
 
+def test_router_bias_trains_and_resumes(tmp_path):
+    tok, data, rc = tiny_tokenizer(), conversations(16), RouterConfig(num_layers=3, router_bias=True)
+    full = tiny_model("llama")
+    train_routers(full, tok, data, rc, _config(tmp_path, "full"))
+    assert all(layer.router.bias.abs().sum() > 0 for layer in routed_layers(full).values())
+    train_routers(tiny_model("llama"), tok, data, rc, _config(tmp_path, "resumed"), stop_after=1)
+    resumed = tiny_model("llama")
+    train_routers(resumed, tok, data, rc, _config(tmp_path, "resumed"), resume=True)
+    assert all(torch.equal(a.router.bias, b.router.bias) and torch.equal(a.router.weight, b.router.weight)
+               for a, b in zip(routed_layers(full).values(), routed_layers(resumed).values()))
+
+
 def test_options_round_trip_through_checkpoints_and_resume(tmp_path, caplog):
     tok, data = tiny_tokenizer(), conversations(16)
     rc = RouterConfig(num_layers=3, capacity_loss="linear", capacity_weight=1.0)
