@@ -1,5 +1,6 @@
 """routertune: Router-Tuning / MindSkip dynamic-depth routers for Hugging Face decoder models, with real skipping."""
 
+from . import moe  # noqa: F401  (registers the "experts" routing target, so every import of the package has it)
 from .models import load_model
 from .routing import (
     RouterConfig,

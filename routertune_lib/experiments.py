@@ -26,13 +26,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .batching import forward_batches
 from .data import cache_dir, load_instruction_data
 from .evaluation import PAPER_TASKS, EvalResults, compare, model_fingerprint
 from .models import BUILTIN_MODELS, load_model, model_identity, tiny_random_model
 from .reporting import write_atomic
 from .routing import RouterConfig, RoutingContext, RoutingTrace, detach_routers, routed_layers
 from .speed import compare_settings, prompt_pool
-from .training import TrainConfig, _calibration_batches, train_routers
+from .training import TrainConfig, train_routers
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,13 @@ def load_base_model(model_name: str | None, **kwargs):
 
 # TrainConfig fields that do not change the trained routers (location, checkpointing, memory split)
 _NOT_IN_KEY = ("output_dir", "save_every", "micro_batch_size")
+# options added after routers were first cached: left out of the key at these defaults (which reproduce the older
+# runs exactly), so routers tuned before the options existed stay valid
+_NEW_OPTION_DEFAULTS = {"capacity_loss": "hinge", "router_bias": False, "training_forward": "masked"}
+
+
+def _without_new_defaults(d: dict) -> dict:
+    return {k: v for k, v in d.items() if not (k in _NEW_OPTION_DEFAULTS and v == _NEW_OPTION_DEFAULTS[k])}
 
 
 def _data_identity(data_source) -> dict:
@@ -108,8 +116,9 @@ def router_cache_key(model, router_config: RouterConfig, train_config: TrainConf
     fp = model_fingerprint(model)
     key = {
         "model": {**model_identity(model), **{k: fp[k] for k in ("dtype", "params", "weights")}},
-        "router_config": asdict(router_config),
-        "train_config": {k: v for k, v in train_config.to_dict().items() if k not in _NOT_IN_KEY},
+        "router_config": _without_new_defaults(asdict(router_config)),
+        "train_config": _without_new_defaults({k: v for k, v in train_config.to_dict().items()
+                                               if k not in _NOT_IN_KEY}),
         "data": {**_data_identity(data_source), "num_samples": num_samples, "seed": seed},
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -232,7 +241,7 @@ def router_record(path: str | Path) -> dict:
 def conversation_batches(conversations, tokenizer, max_length: int, batch_size: int = 8, device=None) -> list[dict]:
     """Right-padded batches ``{input_ids, attention_mask}`` of conversations (chat template), plain texts or ready
     batches (for ``module_importance``, ``calibrate_thresholds``, :func:`executed_fractions`)."""
-    return _calibration_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
+    return forward_batches(conversations, tokenizer, batch_size, max_length, device or torch.device("cpu"))
 
 
 def randomize_routers(model, seed: int = 0) -> None:

@@ -241,6 +241,18 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
+    """The tokenizer of a built-in model (converted on first use) or a model directory, prepared as ``load_model``
+    prepares it (chat template of a built-in, pad token, left padding), without loading the model."""
+    builtin = BUILTIN_MODELS.get(name_or_path)
+    source = builtin_cache_path(name_or_path) if builtin is not None else name_or_path
+    if builtin is not None and not source.is_dir():
+        _convert_builtin(builtin, source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    _prepare_tokenizer(tokenizer, builtin)
+    return tokenizer
+
+
 def model_identity(model: PreTrainedModel) -> dict:
     """What a router checkpoint records about the base model it was trained on."""
     text_config = model.config.get_text_config()

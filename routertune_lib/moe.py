@@ -2,7 +2,8 @@
 
 An MoE block's gate assigns every token to ``k`` of its ``E`` experts (``top_k_index``/``top_k_weights``, ``[N, k]``
 over the ``N = B*T`` flattened tokens). Expert routing adds, per routed MoE layer, a zero-initialised
-``Linear(d, E, bias=False)``: row ``e`` is expert ``e``'s router. It reads the same hidden states the experts get:
+``Linear(d, E, bias=RouterConfig.router_bias)``: row ``e`` is expert ``e``'s router. It reads the same hidden states
+the experts get:
 
     score  = sigmoid(router(x))                      # [N, E]   every expert's score of every token
     s      = score.gather(1, top_k_index)            # [N, k]   the scores of the token's assigned experts
@@ -12,18 +13,21 @@ over the ``N = B*T`` flattened tokens). Expert routing adds, per routed MoE laye
 so a token assigned to expert ``e`` by the gate is dropped by ``e`` when ``e``'s router scores it below the threshold
 (paper, section 1). Gate weights are not renormalised: a dropped assignment just contributes nothing.
 
-``real`` mode (inference) gives each expert only the tokens it keeps: the kept assignments are gathered into a
-``[K, d]`` batch with ``top-1`` routing and passed to the model's own experts module (eager loop, grouped_mm or
-batched_mm: whatever ``config._experts_implementation`` selects), then added back per token. ``masked`` mode (and
-training, which needs the straight-through gradient ``keep = hard + s - s.detach()``) runs every assignment and
-multiplies its gate weight by ``keep``. When no real token's assignment is dropped both modes call the experts module
-unchanged (padding rows included; they are never counted), so zero routers reproduce the original model bit for bit.
+``real`` mode (inference, and training with ``training_forward="real"``, where a kept assignment's gate weight is
+multiplied by its straight-through decision) gives each expert only the tokens it keeps: the kept assignments are
+gathered into a ``[K, d]`` batch with ``top-1`` routing and passed to the model's own experts module (eager loop,
+grouped_mm or batched_mm: whatever ``config._experts_implementation`` selects), then added back per token. ``masked``
+mode (and training with the default ``training_forward="masked"``, straight-through ``keep = hard + s - s.detach()``)
+runs every assignment and multiplies its gate weight by ``keep``. When no real token's assignment is dropped both modes
+call the experts module unchanged (padding rows included; they are never counted), so zero routers reproduce the
+original model bit for bit.
 
-The machinery is ``routing.py``'s: ``RouterConfig(target="experts", level="token", layers=...)`` (see
-:func:`expert_router_config`), ``attach_routers`` / ``detach_routers`` / ``save_routers`` / ``load_routers`` /
-``set_thresholds`` / ``routing_mode`` / ``calibrate_thresholds`` / ``train_routers`` all work unchanged; the routed
-module of a layer (``routed_layers``) is its experts module, whose class gains :class:`ExpertRoutingMixin` so
-state-dict keys only gain ``...mlp.experts.router.weight``. Each forward's decisions are :class:`ExpertDecision` s in
+The machinery is ``routing.py``'s: this module registers the ``experts`` target (``routing.register_target``), so
+``RouterConfig(target="experts", level="token", layers=...)`` (see :func:`expert_router_config`), ``attach_routers`` /
+``detach_routers`` / ``save_routers`` / ``load_routers`` / ``set_thresholds`` / ``routing_mode`` /
+``calibrate_thresholds`` / ``train_routers`` all work unchanged; the routed module of a layer (``routed_layers``) is its
+experts module, whose class gains :class:`ExpertRoutingMixin` so state-dict keys only gain
+``...mlp.experts.router.weight``. Each forward's decisions are :class:`ExpertDecision` s in
 the ``RoutingTrace`` (``output.routing``), so the trainer's capacity loss counts kept / assigned (token, expert) pairs.
 
 **Expert Drop** (the paper's static baseline, :func:`attach_expert_drop`) removes whole experts for every token through
@@ -42,17 +46,24 @@ import torch
 from torch import nn
 
 from .architectures import decoder_layers
+from .batching import forward_batches
+from .models import load_tokenizer
 from .routing import (
-    EXPERTS,
     LayerDecision,
     RouterConfig,
     RoutingContext,
     RoutingSetup,
     RoutingTrace,
-    _mixed_class,
-    _routing_post_hook,
-    _routing_pre_hook,
+    detach_routers,
+    mixed_class,
+    register_target,
+    routing_mode,
+    routing_post_hook,
+    routing_pre_hook,
+    zero_router,
 )
+
+EXPERTS = "experts"  # RouterConfig.target of expert routers (token level), registered with routing below
 
 # ----------------------------------------------------------------------------------------------------------------
 # Where the experts live, per family (data, not branches)
@@ -167,7 +178,7 @@ class ExpertRoutingMixin:
         N, k = top_k_index.shape
         tokens = self._token_mask(ctx, N, hidden_states.device)  # [N] bool
         train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
-        masked = ctx.mode == "masked" or train_ste
+        masked = ctx.runs_masked(train_ste)
 
         score = None
         if self.router is not None:
@@ -193,8 +204,9 @@ class ExpertRoutingMixin:
         out = torch.zeros_like(hidden_states)
         if rows.numel() == 0:
             return out
+        w = top_k_weights[rows, slots] * keep[rows, slots] if train_ste else top_k_weights[rows, slots]  # STE value 1
         kept = super().forward(hidden_states.index_select(0, rows), top_k_index[rows, slots][:, None],
-                               top_k_weights[rows, slots][:, None])  # [K, d]: each expert runs on its kept tokens
+                               w[:, None])  # [K, d]: each expert runs on its kept tokens
         return out.index_add_(0, rows, kept.to(out.dtype))
 
     @staticmethod
@@ -216,14 +228,14 @@ class ExpertRoutingMixin:
 def _distribute_context(model, args, kwargs):
     """Model pre-hook: make the forward's ``RoutingContext`` (created by ``routing``'s hook if absent) visible to the
     routed experts modules, which are called without keyword arguments by their MoE block."""
-    args, kwargs = _routing_pre_hook(model, args, kwargs)
+    args, kwargs = routing_pre_hook(model, args, kwargs)
     for i in model.routertune.layers:
         decoder_layers(model)[i].get_submodule(model.routertune.module_path)._routing_context = kwargs["routing_context"]
     return args, kwargs
 
 
 def _clear_context(model, args, kwargs, output):
-    output = _routing_post_hook(model, args, kwargs, output)
+    output = routing_post_hook(model, args, kwargs, output)
     for i in model.routertune.layers:
         decoder_layers(model)[i].get_submodule(model.routertune.module_path)._routing_context = None
     return output
@@ -246,13 +258,12 @@ def _attach(model: nn.Module, config: RouterConfig, dropped: dict[int, list[int]
         drop = tuple(sorted(set(dropped.get(i, ())))) if dropped is not None else ()
         if any(not 0 <= e < E for e in drop):
             raise ValueError(f"layer {i}: dropped experts {list(drop)} out of range [0, {E})")
-        experts.__class__ = _mixed_class(ExpertRoutingMixin, type(experts))
+        experts.__class__ = mixed_class(ExpertRoutingMixin, type(experts))
         experts.routing = ExpertRouting(i, E, config.threshold, drop)
         experts.router = None
-        experts._routing_context = None
         if dropped is None:
-            experts.router = nn.Linear(model.config.hidden_size, E, bias=False, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(experts.router.weight)
+            experts.router = zero_router(model.config.hidden_size, E, config.router_bias, ref)
+        experts._routing_context = None
     setup = RoutingSetup(config=config, layers=indices, static=dropped is not None, module_path=spec.experts)
     setup.hooks = [
         model.register_forward_pre_hook(_distribute_context, with_kwargs=True),
@@ -271,6 +282,9 @@ def attach_expert_routers(model: nn.Module, config: RouterConfig, *, static_drop
         raise ValueError("static drop of experts names the experts to drop: use moe.attach_expert_drop(model, "
                          "{layer: [experts]}) (see expert_drop_plan)")
     return _attach(model, config, None)
+
+
+register_target(EXPERTS, attach_expert_routers, levels=("token",))
 
 
 def attach_expert_drop(model: nn.Module, dropped: dict[int, list[int]]) -> nn.Module:
@@ -298,9 +312,6 @@ def expert_statistics(model: nn.Module, data, tokenizer=None, max_length: int = 
     tokens: the Expert Drop importance). A model without expert routers is measured through temporary zero routers
     (= the original model; executed == assigned).
     """
-    from .routing import detach_routers
-    from .training import _calibration_batches
-
     temporary = getattr(model, "routertune", None) is None
     if temporary:
         attach_expert_routers(model, expert_router_config(model))
@@ -309,7 +320,7 @@ def expert_statistics(model: nn.Module, data, tokenizer=None, max_length: int = 
     try:
         device = next(model.parameters()).device
         sums: dict[int, dict[str, torch.Tensor]] = {}
-        for b in _calibration_batches(data, tokenizer, batch_size, max_length, device):
+        for b in forward_batches(data, tokenizer, batch_size, max_length, device):
             ctx = RoutingContext(model.routertune.mode, b["attention_mask"], RoutingTrace())
             model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
             for d in ctx.trace.decisions:
@@ -332,12 +343,9 @@ def real_vs_masked(model: nn.Module, data, tokenizer=None, max_length: int = 204
     tokens of ``data`` (texts or conversations with ``tokenizer``, or batches): the fast path's deviation from the
     reference (float accumulation order only, when the implementation is right).
     """
-    from .routing import routing_mode
-    from .training import _calibration_batches
-
     diff, agree, tokens = 0.0, 0.0, 0.0
     counts = {"real": [0.0, 0.0], "masked": [0.0, 0.0]}
-    for b in _calibration_batches(data, tokenizer, batch_size, max_length, next(model.parameters()).device):
+    for b in forward_batches(data, tokenizer, batch_size, max_length, next(model.parameters()).device):
         logits = {}
         for mode in ("real", "masked"):
             with routing_mode(model, mode):
@@ -397,17 +405,11 @@ def tiny_random_moe(tokenizer_from: str = "smollm2-135m", num_layers: int = 4, h
     intermediate_size: each expert's FFN width. No pretrained MoE can be had offline, so this is what the smoke and
     cpu profiles measure: mechanics (executed fraction, load, real-skip speed), not accuracy.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from .models import BUILTIN_MODELS, _convert_builtin, _prepare_tokenizer, builtin_cache_path
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model_type not in MOE_FAMILIES:
         raise ValueError(f"tiny_random_moe: model_type must be one of {sorted(MOE_FAMILIES)}, got {model_type!r}")
-    base_dir = builtin_cache_path(tokenizer_from) if tokenizer_from in BUILTIN_MODELS else tokenizer_from
-    if tokenizer_from in BUILTIN_MODELS and not base_dir.is_dir():
-        _convert_builtin(BUILTIN_MODELS[tokenizer_from], base_dir)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    _prepare_tokenizer(tokenizer, BUILTIN_MODELS.get(tokenizer_from))
+    tokenizer = load_tokenizer(tokenizer_from)
     heads = max(1, hidden_size // 32)
     config = AutoConfig.for_model(
         model_type, vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,

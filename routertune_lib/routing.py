@@ -1,7 +1,8 @@
 """Routers that let decoder layers skip attention, MLP or the whole block, per sequence or per token.
 
 A granularity is two fields: ``target`` in {attn, mlp, block} chooses which sub-layers a router gates, ``level`` in
-{sequence, token} chooses what one decision covers. Every routed layer runs the same code path:
+{sequence, token} chooses what one decision covers. Targets are registered (``register_target``): this module
+registers attn, mlp and block; ``routertune_lib.moe`` registers ``experts``. Every routed layer runs the same code path:
 
     x      = pre_attn_norm(h)                       # [B, T, d]   what attention sees; the router reads it
     score  = sigmoid(router(x))                     # [B, T]      token level
@@ -16,8 +17,17 @@ Two execution modes compute that last line:
   scores and the output projection for kept tokens only, while K/V are written for every token (skipped tokens stay
   visible to later tokens; this is the cheaper choice, and a decode step whose token is skipped reads no cache).
 - ``masked``: F runs on everything and its output is multiplied by ``keep``. This is the reference the fast path is
-  tested against, and what training uses: the straight-through estimator needs F(h) for skipped inputs too, so that
-  ``keep = hard + score - score.detach()`` passes gradient to the router even when every input is executed.
+  tested against.
+
+While a router is trained (gradients enabled and its weight requires grad), ``keep = hard + score - score.detach()``
+(value 0/1, gradient of ``score``: the straight-through estimator) and ``RoutingContext.training_forward`` chooses the
+execution:
+- ``masked`` (default): every input runs F and its output is multiplied by ``keep``, so the router's gradient is
+  ``<dL/dh, F(h)>`` summed over kept and skipped inputs alike (a skipped input tells the router what executing it
+  would have changed).
+- ``real``: the real path above, with each kept input's output multiplied by ``keep`` (value 1); skipped inputs are
+  not computed and give the router no task-loss gradient. This is the training forward of the released 2024 code
+  (CASE-Lab-UMD/Router-Tuning, ``modeling_llama_mindskip.py``).
 
 Sequence-level decisions are made at prefill and stored in the KV cache layer, so every decode step reuses its
 sequence's prefill decision. Without a cache there is nowhere to keep it, so ``generate(use_cache=False)`` on a
@@ -37,6 +47,7 @@ import numbers
 import os
 import sys
 from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -51,10 +62,9 @@ from .architectures import ArchSpec, arch_spec, decoder_layers
 from .models import model_identity
 from .reporting import write_atomic
 
-TARGETS = ("attn", "mlp", "block")
 LEVELS = ("sequence", "token")
 MODES = ("real", "masked")
-EXPERTS = "experts"  # RouterConfig.target of Mixture-of-Experts expert routers (token level; see routertune_lib.moe)
+CAPACITY_LOSSES = ("hinge", "linear")
 CHECKPOINT_FORMAT = "routertune-routers/1"
 
 
@@ -74,20 +84,68 @@ def _index(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
     return int(value)
+# ----------------------------------------------------------------------------------------------------------------
+# Routing targets: what attach_routers does for each RouterConfig.target
+
+
+@dataclass(frozen=True)
+class RoutingTarget:
+    """A registered ``RouterConfig.target``.
+
+    attach: ``attach(model, config, *, static_drop) -> model`` adds the routers in place and sets ``model.routertune``
+        (a ``RoutingSetup``) and the forward hooks (``routing_pre_hook`` / ``routing_post_hook``).
+    levels: the ``RouterConfig.level`` values the target supports.
+    """
+
+    name: str
+    attach: Callable
+    levels: tuple[str, ...] = LEVELS
+
+
+_TARGET_REGISTRY: dict[str, RoutingTarget] = {}
+
+
+def register_target(name: str, attach: Callable, levels: tuple[str, ...] = LEVELS) -> None:
+    """Make ``RouterConfig(target=name)`` valid and ``attach_routers`` call ``attach`` for it.
+
+    ``attn``, ``mlp`` and ``block`` are registered here; ``routertune_lib.moe`` registers ``experts`` (the package
+    imports it, so it is registered whenever ``routertune_lib`` is imported).
+    """
+    if name in _TARGET_REGISTRY and _TARGET_REGISTRY[name].attach is not attach:
+        raise ValueError(f"routing target {name!r} is already registered by {_TARGET_REGISTRY[name].attach.__module__}")
+    bad = [lv for lv in levels if lv not in LEVELS]
+    if not levels or bad:
+        raise ValueError(f"routing target {name!r}: levels must be a non-empty subset of {LEVELS}, got {levels!r}")
+    _TARGET_REGISTRY[name] = RoutingTarget(name, attach, tuple(levels))
+
+
+def routing_targets() -> tuple[str, ...]:
+    """The registered ``RouterConfig.target`` values."""
+    return tuple(_TARGET_REGISTRY)
 
 
 @dataclass
 class RouterConfig:
     """What is routed and how.
 
-    target: sub-layers one router gates: ``attn``, ``mlp`` or ``block`` (attention and MLP, one decision); or
-        ``experts``: one token-level router per expert of each MoE block (``routertune_lib.moe``; level ``token``).
+    target: a registered target (``routing_targets()``): the sub-layers one router gates, ``attn``, ``mlp`` or
+        ``block`` (attention and MLP, one decision); or ``experts``: one token-level router per expert of each MoE
+        block (registered by ``routertune_lib.moe``; level ``token``).
     level: ``sequence`` (one decision per sequence, made at prefill) or ``token`` (one per token).
     num_layers: route the ``n`` deepest layers except the last (0-based ``N-n-1 .. N-2``); default ``N // 2``.
     layers: explicit 0-based layer indices instead of ``num_layers``.
     threshold: execute when ``sigmoid(score) >= threshold``; in [0, 1].
-    capacity: target executed fraction over routed layers (the ``s`` of the capacity loss); in (0, 1].
-    capacity_weight: loss weight ``lambda`` of ``ReLU(capacity_measured - capacity)``; >= 0.
+    capacity: target executed fraction over routed layers (the ``s`` of the hinge capacity loss); in (0, 1].
+    capacity_weight: the capacity loss weight ``lambda``; >= 0.
+    capacity_loss: the capacity term of the training loss, over the straight-through decisions of one forward:
+        ``"hinge"`` (default; the paper's text): ``lambda * ReLU(c - capacity)``, ``c`` the executed fraction over
+        all routed layers (``RoutingTrace.capacity``); zero at or below the target.
+        ``"linear"`` (the released 2024 code, ``gradient_scale * mean(hard decision)`` per routed layer): ``lambda *
+        sum over routed layers of c_l``, ``c_l`` the layer's executed fraction; no target (``capacity`` is unused),
+        it pushes every layer's capacity down until the task loss balances it.
+    router_bias: give each router a learnable, zero-initialised bias (per routed layer; per expert for ``experts``), so
+        a layer can move its scores as a whole relative to the threshold. ``False`` (default): ``Linear(d, n,
+        bias=False)``, the routers of the paper's method as implemented so far. Either way a fresh router scores 0.5.
     """
 
     target: str = "attn"
@@ -97,15 +155,19 @@ class RouterConfig:
     threshold: float = 0.5
     capacity: float = 0.5
     capacity_weight: float = 0.1
+    capacity_loss: str = "hinge"
+    router_bias: bool = False
 
     def __post_init__(self):
-        if self.target not in TARGETS + (EXPERTS,):
-            raise ValueError(f"RouterConfig.target must be one of {TARGETS + (EXPERTS,)}, got {self.target!r}")
-        if self.target == EXPERTS and self.level != "token":
-            raise ValueError(f"RouterConfig.target={EXPERTS!r} routes tokens to experts: level must be 'token', "
-                             f"got {self.level!r}")
+        target = _TARGET_REGISTRY.get(self.target)
+        if target is None:
+            raise ValueError(f"RouterConfig.target must be one of the registered targets {routing_targets()}, got "
+                             f"{self.target!r} (expert routers register 'experts' with `import routertune_lib.moe`)")
         if self.level not in LEVELS:
             raise ValueError(f"RouterConfig.level must be one of {LEVELS}, got {self.level!r}")
+        if self.level not in target.levels:
+            raise ValueError(f"RouterConfig.target={self.target!r} supports level {target.levels}: level must be "
+                             f"{' or '.join(repr(lv) for lv in target.levels)}, got {self.level!r}")
         if self.num_layers is not None and self.layers is not None:
             raise ValueError("RouterConfig: give either num_layers or layers, not both")
         n = self.num_layers
@@ -129,6 +191,12 @@ class RouterConfig:
         self.capacity_weight = _real(self.capacity_weight, "RouterConfig.capacity_weight")
         if self.capacity_weight < 0:
             raise ValueError(f"RouterConfig.capacity_weight must be >= 0, got {self.capacity_weight!r}")
+        if self.capacity_loss not in CAPACITY_LOSSES:
+            raise ValueError(f"RouterConfig.capacity_loss must be one of {CAPACITY_LOSSES} ('hinge': the paper's "
+                             f"ReLU(capacity - target), 'linear': the released code's summed per-layer capacity), got "
+                             f"{self.capacity_loss!r}")
+        if not isinstance(self.router_bias, bool):
+            raise ValueError(f"RouterConfig.router_bias must be True or False, got {self.router_bias!r}")
 
     def resolve_layers(self, num_hidden_layers: int) -> list[int]:
         """The routed layer indices for a model with ``num_hidden_layers`` layers."""
@@ -188,11 +256,13 @@ class RoutingTrace:
         den = sum(d.weight.sum() for d in self.decisions)
         return num / den.clamp_min(1.0)
 
+    def layer_capacities(self) -> dict[int, torch.Tensor]:
+        """Executed fraction per routed layer, ``{layer: scalar}``, keeping the STE gradient."""
+        return {d.layer: (d.keep * d.weight).sum() / d.weight.sum().clamp_min(1.0) for d in self.decisions}
+
     def executed_fraction(self) -> dict[int, float]:
         """Executed fraction per routed layer, ``{layer_index: fraction}``."""
-        return {
-            d.layer: float((d.keep.detach() * d.weight).sum() / d.weight.sum().clamp_min(1.0)) for d in self.decisions
-        }
+        return {i: float(c.detach()) for i, c in self.layer_capacities().items()}
 
     def counts(self, token_level_only: bool = False) -> dict[int, tuple[float, float]]:
         """``{layer: (executed, total)}`` input counts, for accumulating statistics over many forwards.
@@ -213,13 +283,26 @@ class RoutingTrace:
 class RoutingContext:
     """Inputs shared by the routed layers of one forward, plus the trace they fill.
 
+    mode: how a forward without router gradients executes, ``real`` or ``masked``.
     attention_mask: the call's 2-D padding mask ``[B, S]`` (1 = real token, covering past and current tokens) or
         ``None`` (every token is real).
+    training_forward: how a layer whose router is being trained executes, ``masked`` (all inputs, output x STE
+        decision) or ``real`` (kept inputs only, output x STE decision); see the module docstring.
     """
 
     mode: str
     attention_mask: torch.Tensor | None
     trace: RoutingTrace
+    training_forward: str = "masked"
+
+    def __post_init__(self):
+        for name in ("mode", "training_forward"):
+            if getattr(self, name) not in MODES:
+                raise ValueError(f"RoutingContext.{name} must be one of {MODES}, got {getattr(self, name)!r}")
+
+    def runs_masked(self, training_router: bool) -> bool:
+        """Whether a routed module runs masked: ``training_forward`` while its router trains, else ``mode``."""
+        return (self.training_forward if training_router else self.mode) == "masked"
 
     def token_mask(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[B, T]`` bool mask of the real tokens among the ``T`` tokens of this forward."""
@@ -258,8 +341,9 @@ class RoutedCacheMixin:
     reorder_cache = batch_repeat_interleave = batch_select_indices = _batch_changes_unsupported
 
 
-def _mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
-    """``class Routed<cls>(mixin, cls)``, made once per pair; its instances pickle through the pair."""
+def mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
+    """``class Routed<cls>(mixin, cls)``, made once per pair (what routed modules and cache layers become); its
+    instances pickle through the pair."""
     if (mixin, cls) not in _made:
         _made[mixin, cls] = type(
             f"Routed{cls.__name__}", (mixin, cls), {"__module__": __name__, "__reduce_ex__": _reduce_mixed}
@@ -268,8 +352,8 @@ def _mixed_class(mixin: type, cls: type, _made: dict = {}) -> type:
 
 
 def _new_mixed(mixin: type, cls: type):
-    """An empty instance of ``_mixed_class(mixin, cls)``; pickle fills in its state."""
-    made = _mixed_class(mixin, cls)
+    """An empty instance of ``mixed_class(mixin, cls)``; pickle fills in its state."""
+    made = mixed_class(mixin, cls)
     return made.__new__(made)
 
 
@@ -311,6 +395,17 @@ def _apply(module, x):
     return x if module is None else module(x)
 
 
+def _gated(delta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``delta`` ``[n, ...]`` times ``gate`` ``[n]`` or ``[n, T]``, broadcast over the remaining dimensions."""
+    return delta * gate.reshape(*gate.shape, *[1] * (delta.dim() - gate.dim()))
+
+
+def _straight_through(delta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Real-path output of kept inputs: times the gate (value 1) when it carries a router gradient (real-skip
+    training), else unchanged."""
+    return _gated(delta, gate) if gate.requires_grad else delta
+
+
 def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
     """Select batch rows of a tensor that may be broadcast over the batch (leading dim 1) or absent."""
     if t is None or t.shape[0] == 1:
@@ -321,7 +416,8 @@ def _rows(t: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
 class RoutedLayerMixin:
     """Mixed into a decoder layer's own class by ``attach_routers``; adds ``router`` and re-composes ``forward``.
 
-    The base layer's parameters and state-dict keys are unchanged; the router adds ``router.weight`` only.
+    The base layer's parameters and state-dict keys are unchanged; the router adds ``router.weight`` (and
+    ``router.bias`` with ``RouterConfig.router_bias``) only.
     """
 
     routing: LayerRouting
@@ -359,7 +455,7 @@ class RoutedLayerMixin:
         r = self.routing
         B = x.shape[0]
         train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
-        masked = ctx.mode == "masked" or train_ste
+        masked = ctx.runs_masked(train_ste)
         stored = None
         if r.level == "sequence" and cache is not None:
             stored = getattr(_cache_layer(cache, r.layer_idx), "keep_rows", None)
@@ -382,7 +478,7 @@ class RoutedLayerMixin:
 
         if r.level == "sequence" and cache is not None and stored is None:
             empty = cache.layers[r.layer_idx]  # nothing stored yet: this is the prefill
-            routed = object.__new__(_mixed_class(RoutedCacheMixin, type(empty)))
+            routed = object.__new__(mixed_class(RoutedCacheMixin, type(empty)))
             routed.__dict__.update(empty.__dict__, keep_rows=hard, compact=not masked and r.target in ("attn", "block"))
             cache.layers[r.layer_idx] = routed
 
@@ -412,16 +508,15 @@ class RoutedLayerMixin:
         if gate is None:
             return h + self._attn_delta(x, attention_mask, attn_kwargs)
         if masked:
-            g = gate[:, None, None] if gate.dim() == 1 else gate[..., None]
-            return h + g * self._attn_delta(x, attention_mask, attn_kwargs)
+            return h + _gated(self._attn_delta(x, attention_mask, attn_kwargs), gate)
         if self.routing.level == "token":
             keep = gate.bool()
             if bool(keep.all()):  # every token kept: the plain path, no gather
-                return h + self._attn_delta(x, attention_mask, attn_kwargs)
-            return h + self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs)
+                return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
+            return h + _straight_through(self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs), gate)
         rows = gate.bool().nonzero().squeeze(1)  # [K]
         if rows.numel() == h.shape[0]:
-            return h + self._attn_delta(x, attention_mask, attn_kwargs)
+            return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
         if rows.numel() == 0:
             self._advance_empty_cache(x, attn_kwargs["cache"])
             return h
@@ -429,24 +524,23 @@ class RoutedLayerMixin:
         sub["position_embeddings"] = tuple(_rows(t, rows) for t in attn_kwargs["position_embeddings"])
         sub["position_ids"] = _rows(attn_kwargs["position_ids"], rows)
         delta = self._attn_delta(x.index_select(0, rows), _rows(attention_mask, rows), sub)
-        return h.index_add(0, rows, delta)
+        return h.index_add(0, rows, _straight_through(delta, gate.index_select(0, rows)))
 
     def _mlp_step(self, h, gate, masked) -> torch.Tensor:
         if gate is None:
             return h + self._mlp_delta(h)
         if masked:
-            g = gate[:, None, None] if gate.dim() == 1 else gate[..., None]
-            return h + g * self._mlp_delta(h)
+            return h + _gated(self._mlp_delta(h), gate)
         B, T, d = h.shape
-        if self.routing.level == "sequence":
-            idx, flat = gate.bool().nonzero().squeeze(1), h  # kept rows [K]
-        else:
-            idx, flat = gate.bool().reshape(-1).nonzero().squeeze(1), h.reshape(B * T, d)  # kept tokens [K]
+        flat_gate = gate if self.routing.level == "sequence" else gate.reshape(B * T)  # per row [B] / token [B*T]
+        flat = h if self.routing.level == "sequence" else h.reshape(B * T, d)
+        idx = flat_gate.bool().nonzero().squeeze(1)  # kept rows / tokens [K]
         if idx.numel() == 0:
             return h
         if idx.numel() == flat.shape[0]:  # every row / token kept: no gather
-            return h + self._mlp_delta(h)
-        return flat.index_add(0, idx, self._mlp_delta(flat.index_select(0, idx))).view(B, T, d)
+            return h + _straight_through(self._mlp_delta(h), gate)
+        delta = _straight_through(self._mlp_delta(flat.index_select(0, idx)), flat_gate.index_select(0, idx))
+        return flat.index_add(0, idx, delta).view(B, T, d)
 
     def _advance_empty_cache(self, x, cache) -> None:
         """Record ``T`` more positions in a compact cache layer that no row executes (stores nothing)."""
@@ -545,7 +639,9 @@ class RoutingSetup:
     module_path: str | None = None
 
 
-def _routing_pre_hook(model, args, kwargs):
+def routing_pre_hook(model, args, kwargs):
+    """Model forward pre-hook: refuse caches other than ``DynamicCache`` (decoder-layer routers), and give the forward
+    a ``RoutingContext`` (``model.routertune.mode``) unless it has one."""
     cache = kwargs.get("cache", kwargs.get("past_key_values", args[3] if len(args) > 3 else None))
     layer_routers = model.routertune.module_path is None  # expert routers (moe) leave the cache alone
     if layer_routers and cache is not None and not (type(cache) is DynamicCache and not cache.offloading):
@@ -561,7 +657,8 @@ def _routing_pre_hook(model, args, kwargs):
     return args, kwargs
 
 
-def _routing_post_hook(model, args, kwargs, output):
+def routing_post_hook(model, args, kwargs, output):
+    """Model forward hook: return the forward's ``RoutingTrace`` as ``output.routing``."""
     output["routing"] = kwargs["routing_context"].trace
     return output
 
@@ -594,46 +691,60 @@ def _record_in_config(model: nn.Module) -> None:
 
 
 def attach_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool = False) -> nn.Module:
-    """Add a zero-initialised ``Linear(d, 1, bias=False)`` router to each routed layer, in place; returns ``model``.
+    """Add routers for ``config.target`` to ``model``, in place; returns ``model``.
 
-    With ``static_drop=True`` the selected layers get no router and are always skipped (the paper's Layer Drop /
-    Attention Drop baseline), through the same real-skip path.
-    Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model computes exactly the dense model.
-    With sequence-level routers, ``model.generate`` refuses ``use_cache=False`` (the cache keeps the prefill decision).
-    ``config.target == "experts"`` attaches expert routers to the MoE blocks instead (``moe.attach_expert_routers``).
+    Dispatches to the target's registered ``attach`` (``register_target``). For ``attn`` / ``mlp`` / ``block`` each
+    routed layer gets a zero-initialised ``Linear(d, 1, bias=config.router_bias)`` router; with ``static_drop=True``
+    the selected layers get no router and are always skipped (the paper's Layer Drop / Attention Drop baseline),
+    through the same real-skip path. Zero routers score every input 0.5 >= threshold 0.5, so a freshly routed model
+    computes exactly the dense model. ``experts`` attaches expert routers to the MoE blocks
+    (``moe.attach_expert_routers``). With sequence-level routers, ``model.generate`` refuses ``use_cache=False``
+    (the cache keeps the prefill decision). The router record is kept in ``model.config.routertune`` (so
+    ``save_pretrained`` / ``models.load_model`` round-trip it).
     """
     if getattr(model, "routertune", None) is not None:
         raise ValueError("This model already has routers; call detach_routers(model) first.")
-    if config.target == EXPERTS:
-        from .moe import attach_expert_routers
+    _TARGET_REGISTRY[config.target].attach(model, config, static_drop=static_drop)
+    _record_in_config(model)
+    return model
 
-        attach_expert_routers(model, config, static_drop=static_drop)
-        _record_in_config(model)
-        return model
+
+def zero_router(in_features: int, out_features: int, bias: bool, like: torch.Tensor) -> nn.Linear:
+    """A router ``Linear(in_features, out_features, bias=bias)`` with every parameter zero (it scores every input
+    0.5), on ``like``'s device and dtype."""
+    router = nn.Linear(in_features, out_features, bias=bias, device=like.device, dtype=like.dtype)
+    for p in router.parameters():
+        nn.init.zeros_(p)
+    return router
+
+
+def _attach_layer_routers(model: nn.Module, config: RouterConfig, *, static_drop: bool) -> nn.Module:
+    """``attach_routers`` for the decoder-layer targets ``attn``, ``mlp`` and ``block``."""
     arch = arch_spec(model)
     layers = decoder_layers(model)
     indices = config.resolve_layers(len(layers))
     for i in indices:
         layer = layers[i]
         ref = next(layer.parameters())
-        layer.__class__ = _mixed_class(RoutedLayerMixin, type(layer))
+        layer.__class__ = mixed_class(RoutedLayerMixin, type(layer))
         layer.routing = LayerRouting(
             i, config.target, config.level, config.threshold, arch, fixed_keep=False if static_drop else None
         )
-        layer.router = None
-        if not static_drop:
-            layer.router = nn.Linear(model.config.hidden_size, 1, bias=False, device=ref.device, dtype=ref.dtype)
-            nn.init.zeros_(layer.router.weight)
+        layer.router = None if static_drop else zero_router(model.config.hidden_size, 1, config.router_bias, ref)
     setup = RoutingSetup(config=config, layers=indices, static=static_drop)
     setup.hooks = [
-        model.register_forward_pre_hook(_routing_pre_hook, with_kwargs=True),
-        model.register_forward_hook(_routing_post_hook, with_kwargs=True),
+        model.register_forward_pre_hook(routing_pre_hook, with_kwargs=True),
+        model.register_forward_hook(routing_post_hook, with_kwargs=True),
     ]
     model.routertune = setup
     if config.level == "sequence":
         model.generate = functools.partial(_generate_keeping_decisions, model)
-    _record_in_config(model)
     return model
+
+
+register_target("attn", _attach_layer_routers)
+register_target("mlp", _attach_layer_routers)
+register_target("block", _attach_layer_routers)
 
 
 def detach_routers(model: nn.Module) -> nn.Module:
@@ -668,8 +779,24 @@ def routed_layers(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The router weights, in layer order (the only parameters Router-Tuning trains)."""
-    return [layer.router.weight for layer in routed_layers(model).values() if layer.router is not None]
+    """The router parameters (weight, and bias with ``RouterConfig.router_bias``), in layer order (the only
+    parameters Router-Tuning trains)."""
+    return [p for layer in routed_layers(model).values() if layer.router is not None for p in layer.router.parameters()]
+
+
+def router_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"layers.<i>.router.<weight|bias>": float32 CPU tensor}``: what ``save_routers`` stores."""
+    return {f"layers.{i}.router.{name}": p.detach().float().cpu().contiguous()
+            for i, layer in routed_layers(model).items() if layer.router is not None
+            for name, p in layer.router.named_parameters()}
+
+
+def load_router_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``router_state`` tensors into the model's routers (same routed layers and router shapes)."""
+    for i, layer in routed_layers(model).items():
+        if layer.router is not None:
+            layer.router.load_state_dict({name: tensors[f"layers.{i}.router.{name}"]
+                                          for name, _ in layer.router.named_parameters()})
 
 
 def _threshold(value, name: str) -> float:
@@ -731,11 +858,7 @@ def save_routers(model: nn.Module, path: str | os.PathLike) -> Path:
     if Path(path).is_dir():
         raise ValueError(f"save_routers writes one file, but {path} is a directory; pass a file path such as "
                          f"{Path(path) / 'routers.safetensors'}")
-    tensors = {
-        f"layers.{i}.router.weight": layer.router.weight.detach().float().cpu().contiguous()
-        for i, layer in routed_layers(model).items()
-        if layer.router is not None
-    }
+    tensors = router_state(model)
     record = {**_router_record(model), "base_model": model_identity(model)}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in record.items()}
     return write_atomic(path, safetensors_bytes(tensors if tensors else {"empty": torch.zeros(0)}, metadata=metadata))
@@ -770,10 +893,7 @@ def load_routers(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     elif asdict(setup.config) != asdict(config) or setup.static != static:
         raise ValueError(f"The model's routers ({setup.config}) differ from the checkpoint's ({config}); "
                          "detach_routers(model) first")
-    tensors = load_file(str(path))
-    for i, layer in routed_layers(model).items():
-        if layer.router is not None:
-            layer.router.weight.data.copy_(tensors[f"layers.{i}.router.weight"])
+    load_router_state(model, load_file(str(path)))
     set_thresholds(model, {int(i): t for i, t in json.loads(metadata["thresholds"]).items()})
     return model
 
@@ -794,8 +914,8 @@ def restore_routers(model: nn.Module, directory: str | os.PathLike) -> nn.Module
     del model.config.routertune  # attach_routers writes it again
     attach_routers(model, RouterConfig.from_dict(record["config"]), static_drop=record["static_drop"])
     names = {module: name for name, module in model.named_modules()}
-    wanted = {f"{names[layer.router]}.weight": layer.router.weight
-              for layer in routed_layers(model).values() if layer.router is not None}
+    wanted = {f"{names[layer.router]}.{name}": p for layer in routed_layers(model).values()
+              if layer.router is not None for name, p in layer.router.named_parameters()}
     found = {}
     for file in sorted(Path(directory).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
@@ -806,7 +926,7 @@ def restore_routers(model: nn.Module, directory: str | os.PathLike) -> nn.Module
         raise ValueError(f"{directory}/config.json describes routers, but its safetensors files lack {missing}; "
                          "save the routed model again with save_pretrained")
     with torch.no_grad():
-        for k, weight in wanted.items():
-            weight.copy_(found[k])
+        for k, param in wanted.items():
+            param.copy_(found[k])
     set_thresholds(model, record["thresholds"])
     return model

@@ -5,11 +5,16 @@ many (``accelerate launch`` / ``torchrun``: DDP, or FSDP/DeepSpeed from the user
 step it computes, over the global batch of ``global_batch_size`` conversations,
 
     L = CE(assistant tokens) / #assistant tokens                      (token mean over the whole global batch)
-      + capacity_weight * mean_over_micro_batches ReLU(capacity_m - capacity)
+      + mean_over_micro_batches capacity_penalty(m)
 
-where ``capacity_m`` is the executed fraction over routed layers of micro-batch ``m`` (``RoutingTrace.capacity``,
-carrying the straight-through gradient). Both terms are normalised over the global batch, not per micro-batch or per
-process, so the gradient does not depend on ``micro_batch_size`` or on the number of processes (up to float error).
+    capacity_penalty(m) = capacity_weight * ReLU(capacity_m - capacity)          capacity_loss="hinge" (the paper)
+                        = capacity_weight * sum_l capacity_{m,l}                 capacity_loss="linear" (released code)
+
+where ``capacity_m`` is the executed fraction over routed layers of micro-batch ``m`` (``RoutingTrace.capacity``) and
+``capacity_{m,l}`` that of routed layer ``l``, both carrying the straight-through gradient. Both terms are normalised
+over the global batch, not per micro-batch or per process, so the gradient does not depend on ``micro_batch_size`` or
+on the number of processes (up to float error). ``TrainConfig.training_forward`` chooses how routed layers execute
+while their routers train: ``masked`` (every input computed) or ``real`` (kept inputs only; see ``routing``).
 
 ``calibrate_thresholds`` then sets per-layer thresholds so a trained router hits any requested capacity.
 """
@@ -34,18 +39,21 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, get_int_from_env, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, get_int_from_env, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from .batching import IGNORE_INDEX, collate, forward_batches, num_labels, pad_id, tokenize_conversations
 from .reporting import write_atomic
 from .routing import (
+    MODES,
     RouterConfig,
     RoutingContext,
     RoutingTrace,
     attach_routers,
+    load_router_state,
     router_parameters,
     routed_layers,
     save_routers,
@@ -54,13 +62,12 @@ from .routing import (
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # TrainConfig fields that define the training trajectory: on resume the checkpoint's values win (with a warning).
 _TRAJECTORY_FIELDS = (
     "learning_rate", "weight_decay", "adam_betas", "adam_eps", "warmup_ratio", "epochs", "global_batch_size",
-    "max_length", "max_grad_norm", "seed", "lora", "train_routers",
+    "max_length", "max_grad_norm", "seed", "lora", "train_routers", "training_forward",
 )
 
 
@@ -128,6 +135,11 @@ class TrainConfig:
         are kept in float32 either way; a bf16/fp16 backbone needs autocast, i.e. ``bf16`` or ``fp16`` here.
     lora: LoRA adapters to train, or ``None``.
     train_routers: train the routers; ``False`` with ``lora`` set trains LoRA alone (routers frozen as they are).
+    training_forward: how routed layers execute in training (``routing.RoutingContext.training_forward``):
+        ``"masked"`` (default): every input runs the gated sub-layer and its output is multiplied by the hard 0/1
+        straight-through decision, so skipped inputs also pass task-loss gradient to the router;
+        ``"real"`` (the released 2024 code): only kept inputs run it, their output multiplied by the straight-through
+        decision (value 1); skipped inputs get no task-loss gradient. Inference is unaffected.
     """
 
     learning_rate: float = 1e-5
@@ -146,6 +158,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     lora: LoraSettings | None = None
     train_routers: bool = True
+    training_forward: str = "masked"
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -169,6 +182,8 @@ class TrainConfig:
             (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
             (self.lora is None or isinstance(self.lora, LoraSettings), "lora must be a LoraSettings, a dict or None"),
             (self.train_routers or self.lora is not None, "nothing to train: train_routers=False needs lora settings"),
+            (self.training_forward in MODES, f"training_forward must be one of {MODES} ('masked': every input "
+             "computed, 'real': kept inputs only)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -212,96 +227,6 @@ class TrainResult:
     final_capacity: float | None
     final_loss: float | None
     history: list[dict] = field(default_factory=list, repr=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans ``[start, end)`` of its assistant turns.
-
-    A turn's span runs from the end of the prefix rendered with ``add_generation_prompt=True`` (what the model sees
-    before it answers) to the end of the rendering that includes the turn (so the end-of-turn marker is learned).
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(prompt) and text.startswith(upto)):
-            raise ValueError(
-                "The tokenizer's chat template is not prefix-consistent (rendering the first turns, with the "
-                "generation prompt, is not a prefix of rendering the whole conversation), so assistant tokens "
-                f"cannot be located. Conversation: {messages!r:.300}"
-            )
-        spans.append((len(prompt), len(upto)))
-    return text, spans
-
-
-def tokenize_conversations(tokenizer, conversations, max_length: int) -> list[dict]:
-    """Chat-template tokenization with assistant-only labels.
-
-    conversations: iterable of ``{"messages": [{"role", "content"}, ...]}``.
-    Returns ``[{"input_ids": list[int], "labels": list[int]}]``, truncated on the right to ``max_length``; a label is
-    the token id for tokens whose first character lies in an assistant span, else -100 (HF convention: labels are
-    not shifted). Rows left with no assistant token (e.g. after truncation) are dropped, counted and logged.
-    Needs a fast tokenizer (character offsets) with a chat template.
-    """
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("tokenize_conversations needs a fast tokenizer (PreTrainedTokenizerFast) for offsets")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set tokenizer.chat_template")
-    rows, dropped = [], 0
-    for n, conv in enumerate(conversations):
-        if not (isinstance(conv, dict) and isinstance(conv.get("messages"), list)):
-            raise ValueError(f"row {n} is not a conversation {{'messages': [{{'role', 'content'}}, ...]}}: "
-                             f"{conv!r:.120}; load Alpaca rows, JSON files and hub datasets with "
-                             "routertune_lib.data.load_instruction_data, which converts them")
-        text, spans = _assistant_spans(tokenizer, conv["messages"])
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = enc["input_ids"][:max_length]
-        labels = [
-            tok if any(a <= start < b for a, b in spans) else IGNORE_INDEX
-            for tok, (start, _end) in zip(ids, enc["offset_mapping"])
-        ]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
-            dropped += 1
-            continue
-        rows.append({"input_ids": ids, "labels": labels})
-    if dropped:
-        logger.warning(
-            "dropped %d of %d conversations with no assistant token within max_length=%d",
-            dropped, len(rows) + dropped, max_length,
-        )
-    return rows
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
-    return pad
-
-
-def _collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to ``{input_ids, attention_mask, labels}``, each ``[B, T]``."""
-    T = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[b, :n] = torch.tensor(r["input_ids"])
-        labels[b, :n] = torch.tensor(r["labels"])
-        mask[b, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _num_labels(row: dict) -> int:
-    return sum(label != IGNORE_INDEX for label in row["labels"][1:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,7 +305,7 @@ class _StepLog:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Training: train_routers reads as its steps (setup, data, model, loop with _train_step, checkpoint, result)
 
 
 def _check_router_setup(model: nn.Module, config: RouterConfig) -> None:
@@ -400,45 +325,34 @@ def _check_router_setup(model: nn.Module, config: RouterConfig) -> None:
         )
 
 
-def train_routers(
-    model: nn.Module,
-    tokenizer,
-    dataset,
-    router_config: RouterConfig,
-    train_config: TrainConfig,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-) -> TrainResult:
-    """Router-Tuning of ``model`` (a ``*ForCausalLM``) on ``dataset`` (conversations ``{"messages": [...]}``).
+@dataclass
+class _Run:
+    """One call's settings after setup: the configs (the checkpoint's trajectory values on resume), the checkpoint
+    resumed from and its ``trainer_state.pt``, the accelerator, ``world`` processes and ``accum`` micro-batches per
+    process per step."""
 
-    Attaches routers per ``router_config`` if the model has none. Every backbone parameter is frozen; only routers
-    (``train_config.train_routers``) and LoRA adapters (``train_config.lora``) are trained, in float32. Training runs
-    routed layers in masked mode (hard 0/1 decisions, straight-through gradient), so every trainable parameter gets a
-    gradient on every step (DDP needs no ``find_unused_parameters``).
+    cfg: TrainConfig
+    rcfg: RouterConfig
+    output_dir: Path
+    resumed_from: Path | None
+    state: dict | None
+    accelerator: Accelerator
+    world: int
+    accum: int
 
-    resume: continue from the last checkpoint in ``output_dir`` (same final routers as an uninterrupted run);
-        trajectory-defining settings that differ from the checkpoint's are warned about and the checkpoint's kept.
-        Without it, an ``output_dir`` that already holds checkpoints is an error.
-    stop_after: end this call once this many optimizer steps are done in total (a checkpoint is saved); the learning
-        rate schedule still spans the whole run.
 
-    The model's ``requires_grad`` flags, train/eval mode and parameter dtypes are restored on return (trained
-    weights stay in place); with LoRA the returned ``TrainResult.model`` is the ``PeftModel``.
-    """
-    if stop_after is not None and stop_after < 1:
-        raise ValueError(f"stop_after must be >= 1 or None, got {stop_after!r}")
-    cfg, rcfg = train_config, router_config
+def _setup(cfg: TrainConfig, rcfg: RouterConfig, resume: bool) -> _Run:
+    """Resume reconciliation, the accelerator (checked against the launch and the precision), the seed."""
     output_dir = Path(cfg.output_dir)
     found = _checkpoints(output_dir)
     state = None
     if resume and found:
         state = torch.load(found[-1] / "trainer_state.pt", map_location="cpu", weights_only=False)
-        given = cfg.to_dict()
-        changed = _reconcile("TrainConfig", given, state["train_config"], _TRAJECTORY_FIELDS)
-        cfg = TrainConfig.from_dict({**given, **changed})
-        changed = _reconcile("RouterConfig", asdict(rcfg), state["router_config"], state["router_config"].keys())
-        rcfg = RouterConfig.from_dict({**asdict(rcfg), **changed})
+        # the saved configs through their classes: fields added since the checkpoint was written take their defaults
+        given, saved = cfg.to_dict(), TrainConfig.from_dict(state["train_config"]).to_dict()
+        cfg = TrainConfig.from_dict({**given, **_reconcile("TrainConfig", given, saved, _TRAJECTORY_FIELDS)})
+        given, saved = asdict(rcfg), asdict(RouterConfig.from_dict(state["router_config"]))
+        rcfg = RouterConfig.from_dict({**given, **_reconcile("RouterConfig", given, saved, saved.keys())})
         logger.info("resuming from %s (step %d)", found[-1], state["step"])
     elif resume:
         logger.warning("resume=True but %s holds no checkpoint; starting from scratch", output_dir)
@@ -452,9 +366,11 @@ def train_routers(
         raise ValueError(f"global_batch_size={cfg.global_batch_size} must be a multiple of micro_batch_size * "
                          f"num_processes = {cfg.micro_batch_size} * {world}")
     accum = cfg.global_batch_size // (cfg.micro_batch_size * world)  # micro-batches per process per step
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.training_forward == "real")
     # a notebook may train again with another mixed_precision; the launch's process state (PartialState) is kept
     AcceleratorState._reset_state()
-    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=cfg.mixed_precision,
+                              kwargs_handlers=[ddp])
     if accelerator.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate runs {accelerator.num_processes}; on CPU "
                            "use `accelerate launch --cpu` or set ACCELERATE_USE_CPU=1 with torchrun")
@@ -464,10 +380,39 @@ def train_routers(
     if cfg.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("this GPU does not support bf16; use mixed_precision='fp16'")
     set_seed(cfg.seed)
+    return _Run(cfg, rcfg, output_dir, found[-1] if state is not None else None, state, accelerator, world, accum)
 
-    # -- data: every process tokenizes everything; a step's global batch is the same rows whatever `world` is
+
+@dataclass
+class _Data:
+    """The tokenized conversations and which of them each optimizer step uses.
+
+    Every process tokenizes everything, so a step's global batch is the same rows whatever the number of processes:
+    epoch ``e`` is the permutation seeded ``seed + e``, cut into ``steps_per_epoch`` global batches (the remainder is
+    dropped). ``end_step``: where this call stops (``stop_after``), ``total_steps``: where the schedule ends.
+    """
+
+    rows: list[dict]
+    pad: int
+    orders: list[torch.Tensor]
+    steps_per_epoch: int
+    total_steps: int
+    end_step: int
+
+    def micro_batches(self, run: _Run, step: int) -> tuple[list[list[dict]], int]:
+        """This process's micro-batches of ``step`` (micro-batch j of the global batch goes to process j % world)
+        and the number of label tokens in the whole global batch."""
+        cfg = run.cfg
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = self.orders[epoch][k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size].tolist()
+        batch = [self.rows[i] for i in order]
+        micro = [batch[j : j + cfg.micro_batch_size] for j in range(0, len(batch), cfg.micro_batch_size)]
+        return micro[run.accelerator.process_index :: run.world], sum(map(num_labels, batch))
+
+
+def _data(run: _Run, tokenizer, dataset, stop_after: int | None) -> _Data:
+    cfg = run.cfg
     rows = tokenize_conversations(tokenizer, dataset, cfg.max_length)
-    pad_id = _pad_id(tokenizer)
     steps_per_epoch = len(rows) // cfg.global_batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(rows)} usable conversations is fewer than global_batch_size={cfg.global_batch_size}")
@@ -475,20 +420,43 @@ def train_routers(
         logger.warning("each epoch drops %d of %d conversations (not a full global batch)",
                        len(rows) % cfg.global_batch_size, len(rows))
     total_steps = steps_per_epoch * cfg.epochs
-    end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     orders = [torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + e)) for e in range(cfg.epochs)]
+    return _Data(rows, pad_id(tokenizer), orders, steps_per_epoch, total_steps,
+                 total_steps if stop_after is None else min(total_steps, stop_after))
 
-    def my_micro_batches(step: int) -> tuple[list[list[dict]], int]:
-        """This process's micro-batches of ``step`` (micro-batch j of the global batch goes to process j % world)
-        and the number of label tokens in the whole global batch."""
-        epoch, k = divmod(step, steps_per_epoch)
-        batch = [rows[i] for i in orders[epoch][k * cfg.global_batch_size : (k + 1) * cfg.global_batch_size].tolist()]
-        micro = [batch[j : j + cfg.micro_batch_size] for j in range(0, len(batch), cfg.micro_batch_size)]
-        return micro[accelerator.process_index :: world], sum(map(_num_labels, batch))
 
-    # -- model: routers, freezing, LoRA
+@dataclass
+class _Trainee:
+    """The model under training: ``base`` (the ``*ForCausalLM`` holding the routers), ``prepared`` (the accelerate
+    wrapper of ``base`` or its ``PeftModel``), what trains and how, and what ``restore`` puts back."""
+
+    base: nn.Module
+    train_model: nn.Module
+    prepared: nn.Module
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_step: int
+    layer_ids: list[int]
+    flags: dict
+    dtypes: dict
+    was_training: bool
+
+    def restore(self) -> None:
+        """Put back ``requires_grad`` flags, dtypes and train/eval mode (new routers keep their default flag)."""
+        for p in self.base.parameters():
+            p.requires_grad_(self.flags.get(p, True))
+            p.data = p.data.to(self.dtypes.get(p, p.dtype))
+        self.base.train(self.was_training)
+        self.train_model.train(self.was_training)
+
+
+def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
+    """Routers, frozen backbone, LoRA, float32 trainable parameters, AdamW with warmup + cosine, the checkpoint's
+    weights / optimizer / scheduler / RNG on resume, and accelerate's wrapping."""
+    cfg = run.cfg
     base = _base_model(model)
-    _check_router_setup(base, rcfg)
+    _check_router_setup(base, run.rcfg)
     flags = {p: p.requires_grad for p in base.parameters()}
     dtypes = {p: p.dtype for p in base.parameters()}
     was_training = base.training
@@ -515,181 +483,231 @@ def train_routers(
     if backbone_dtype != torch.float32 and cfg.mixed_precision == "no":
         raise ValueError(f"the backbone is {backbone_dtype}; train it with mixed_precision='bf16' or 'fp16' "
                          "(autocast), the trainable parameters are float32")
-    n_trainable = sum(p.numel() for p in trainable)
-    n_total = sum(p.numel() for p in train_model.parameters())
 
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    start_step = 0
-    if state is not None:
-        weights = load_file(str(found[-1] / "routers.safetensors"))
-        for i, layer in routed_layers(base).items():
-            if layer.router is not None:
-                layer.router.weight.data.copy_(weights[f"layers.{i}.router.weight"])
-        if cfg.lora is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(train_model, load_file(str(found[-1] / "adapter" / "adapter_model.safetensors")))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        if len(state["rng"]) == world:
-            _set_rng_state(state["rng"][accelerator.process_index])
-        else:
-            logger.warning("resume: the checkpoint was written by %d processes, now %d; RNG state not restored",
-                           len(state["rng"]), world)
+    start_step = 0 if run.state is None else _restore_checkpoint(run, base, train_model, optimizer, scheduler)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
-    prepared, optimizer = accelerator.prepare(train_model, optimizer)
+    prepared, optimizer = run.accelerator.prepare(train_model, optimizer)
     layer_ids = [i for i, layer in routed_layers(base).items() if layer.router is not None]
+    return _Trainee(base, train_model, prepared, trainable, optimizer, scheduler, start_step, layer_ids, flags, dtypes,
+                    was_training)
+
+
+def _restore_checkpoint(run: _Run, base, train_model, optimizer, scheduler) -> int:
+    """Load the resumed checkpoint's routers, adapters, optimizer, scheduler and this process's RNG; its step."""
+    load_router_state(base, load_file(str(run.resumed_from / "routers.safetensors")))
+    if run.cfg.lora is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(train_model, load_file(str(run.resumed_from / "adapter" / "adapter_model.safetensors")))
+    optimizer.load_state_dict(run.state["optimizer"])
+    scheduler.load_state_dict(run.state["scheduler"])
+    if len(run.state["rng"]) == run.world:
+        _set_rng_state(run.state["rng"][run.accelerator.process_index])
+    else:
+        logger.warning("resume: the checkpoint was written by %d processes, now %d; RNG state not restored",
+                       len(run.state["rng"]), run.world)
+    return run.state["step"]
+
+
+def _train_step(run: _Run, data: _Data, t: _Trainee, step: int) -> tuple[dict, float]:
+    """One optimizer step over the global batch of ``step`` (module docstring: the loss and its normalisation).
+
+    Returns the log row (losses, capacity overall and per routed layer, over all processes) and the real tokens.
+    """
+    acc, rcfg, world = run.accelerator, run.rcfg, run.world
+    t_step = time.perf_counter()
+    lr = t.scheduler.get_last_lr()[0]
+    micro_batches, n_labels = data.micro_batches(run, step)
+    n_micro = run.cfg.global_batch_size // run.cfg.micro_batch_size
+    # summed over this process's micro-batches: CE, capacity penalty, real tokens, executed / total per layer
+    stats = torch.zeros(3 + 2 * len(t.layer_ids), dtype=torch.float64)
+    for micro in micro_batches:
+        batch = {k: v.to(acc.device) for k, v in collate(micro, data.pad).items()}
+        with acc.accumulate(t.prepared):
+            mode = run.cfg.training_forward
+            ctx = RoutingContext(mode, batch["attention_mask"], RoutingTrace(), training_forward=mode)
+            out = t.prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             routing_context=ctx, use_cache=False)
+            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            penalty = capacity_penalty(ctx.trace, rcfg)
+            # global-batch normalisation; x world undoes DDP's mean, x accum undoes accelerate's division
+            loss = ce / max(n_labels, 1) + penalty / n_micro
+            acc.backward(loss * world * run.accum)
+            if acc.sync_gradients and run.cfg.max_grad_norm is not None:
+                acc.clip_grad_norm_(t.trainable, run.cfg.max_grad_norm)
+            t.optimizer.step()
+            t.optimizer.zero_grad()
+        counts = ctx.trace.counts()
+        stats += torch.tensor([ce.item(), penalty.item(), batch["attention_mask"].sum().item(),
+                               *[counts[i][0] for i in t.layer_ids], *[counts[i][1] for i in t.layer_ids]],
+                              dtype=torch.float64)
+    if not t.optimizer.step_was_skipped:  # fp16 overflow skips the step
+        t.scheduler.step()
+    stats = acc.reduce(stats.to(acc.device), "sum").cpu()
+    ce_sum, pen_sum, tokens = stats[:3].tolist()
+    executed, total = stats[3 : 3 + len(t.layer_ids)], stats[3 + len(t.layer_ids) :]
+    task_loss, capacity_loss = ce_sum / max(n_labels, 1), pen_sum / n_micro
+    row = {"step": step + 1, "epoch": step // data.steps_per_epoch, "loss": task_loss + capacity_loss,
+           "task_loss": task_loss, "capacity_loss": capacity_loss,
+           "capacity": float(executed.sum() / total.sum().clamp_min(1)),
+           **{f"capacity_L{i}": float(e / n.clamp_min(1)) for i, e, n in zip(t.layer_ids, executed, total)},
+           "lr": lr, "tokens_per_s": tokens / max(time.perf_counter() - t_step, 1e-9)}
+    return row, tokens
+
+
+def capacity_penalty(trace: RoutingTrace, config: RouterConfig) -> torch.Tensor:
+    """The capacity term of one forward's loss (a float32 scalar with the straight-through gradient), per
+    ``config.capacity_loss``: ``"hinge"`` ``lambda * ReLU(capacity - target)`` or ``"linear"`` ``lambda * sum over
+    routed layers of the layer's executed fraction``."""
+    if config.capacity_loss == "hinge":
+        return config.capacity_weight * F.relu(trace.capacity().float() - config.capacity)
+    return config.capacity_weight * sum(c.float() for c in trace.layer_capacities().values())
+
+
+def _save_checkpoint(run: _Run, t: _Trainee, step: int) -> Path:
+    """``checkpoints/step-NNNNNN/``: routers, adapters, ``trainer_state.pt`` (step, optimizer, scheduler, every
+    process's RNG, both configs); written to a temporary directory, then renamed."""
+    acc = run.accelerator
+    rng = gather_object([_rng_state()])
+    path = run.output_dir / "checkpoints" / f"step-{step:06d}"
+    if acc.is_main_process:
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_routers(t.base, tmp / "routers.safetensors")
+        if run.cfg.lora is not None:
+            acc.unwrap_model(t.prepared).save_pretrained(tmp / "adapter")
+        torch.save({"step": step, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                    "rng": rng, "train_config": run.cfg.to_dict(), "router_config": asdict(run.rcfg)},
+                   tmp / "trainer_state.pt")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    acc.wait_for_everyone()
+    return path
+
+
+@dataclass
+class _LoopOutcome:
+    history: list[dict]
+    tokens: float
+    wall_time_s: float
+    checkpoint: Path | None  # the last checkpoint written (or resumed from)
+
+
+def _loop(run: _Run, data: _Data, t: _Trainee) -> _LoopOutcome:
+    """Steps ``start_step .. end_step``: a log row per step, a checkpoint every ``save_every`` steps and at the end."""
+    acc, cfg = run.accelerator, run.cfg
+    if acc.is_main_process:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
     columns = ["step", "epoch", "loss", "task_loss", "capacity_loss", "capacity",
-               *[f"capacity_L{i}" for i in layer_ids], "lr", "tokens_per_s", "elapsed_s"]
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    log = _StepLog(output_dir, columns, start_step, accelerator.is_main_process)
+               *[f"capacity_L{i}" for i in t.layer_ids], "lr", "tokens_per_s", "elapsed_s"]
+    log = _StepLog(run.output_dir, columns, t.start_step, acc.is_main_process)
     logger.info("Router-Tuning: %d steps (%d per epoch), global batch %d = %d processes x %d accumulation x %d; "
-                "%d trainable of %d parameters; routed layers %s", total_steps, steps_per_epoch, cfg.global_batch_size,
-                world, accum, cfg.micro_batch_size, n_trainable, n_total, layer_ids)
-
-    def save_checkpoint(step: int) -> Path:
-        """``checkpoints/step-NNNNNN/``: routers, adapters, trainer_state.pt; written to a temp dir, then renamed."""
-        rng = gather_object([_rng_state()])
-        path = output_dir / "checkpoints" / f"step-{step:06d}"
-        if accelerator.is_main_process:
-            tmp = path.with_name(f".{path.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_routers(base, tmp / "routers.safetensors")
-            if cfg.lora is not None:
-                accelerator.unwrap_model(prepared).save_pretrained(tmp / "adapter")
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng, "train_config": cfg.to_dict(), "router_config": asdict(rcfg)},
-                       tmp / "trainer_state.pt")
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        accelerator.wait_for_everyone()
-        return path
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    history, tokens_total, checkpoint = [], 0, found[-1] if state is not None else None
-    n_micro = cfg.global_batch_size // cfg.micro_batch_size
-    bar = tqdm(total=total_steps, initial=start_step, desc="router-tuning", disable=not accelerator.is_local_main_process)
+                "%d trainable of %d parameters; routed layers %s", data.total_steps, data.steps_per_epoch,
+                cfg.global_batch_size, run.world, run.accum, cfg.micro_batch_size,
+                sum(p.numel() for p in t.trainable), sum(p.numel() for p in t.train_model.parameters()), t.layer_ids)
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+    outcome = _LoopOutcome([], 0.0, 0.0, run.resumed_from)
+    bar = tqdm(total=data.total_steps, initial=t.start_step, desc="router-tuning", disable=not acc.is_local_main_process)
     t_start = time.perf_counter()
+    t.prepared.train()
+    for step in range(t.start_step, data.end_step):
+        row, tokens = _train_step(run, data, t, step)
+        row["elapsed_s"] = time.perf_counter() - t_start
+        outcome.history.append(row)
+        outcome.tokens += tokens
+        log.append(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", capacity=f"{row['capacity']:.3f}")
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == data.end_step:
+            outcome.checkpoint = _save_checkpoint(run, t, step + 1)
+    bar.close()
+    outcome.wall_time_s = time.perf_counter() - t_start
+    return outcome
+
+
+def _save_final(run: _Run, t: _Trainee, completed: bool, checkpoint: Path | None) -> tuple[Path, Path | None]:
+    """Paths of the routers and adapters the call ends with; a completed run writes them to ``output_dir``, a
+    stopped one points at its last checkpoint."""
+    final_dir = run.output_dir if completed else checkpoint
+    router_path = final_dir / "routers.safetensors"
+    adapter_path = final_dir / "adapter" if run.cfg.lora is not None else None
+    if completed and run.accelerator.is_main_process:
+        save_routers(t.base, router_path)
+        if adapter_path is not None:
+            run.accelerator.unwrap_model(t.prepared).save_pretrained(adapter_path)
+    run.accelerator.wait_for_everyone()
+    return router_path, adapter_path
+
+
+def train_routers(
+    model: nn.Module,
+    tokenizer,
+    dataset,
+    router_config: RouterConfig,
+    train_config: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Router-Tuning of ``model`` (a ``*ForCausalLM``) on ``dataset`` (conversations ``{"messages": [...]}``).
+
+    Attaches routers per ``router_config`` if the model has none. Every backbone parameter is frozen; only routers
+    (``train_config.train_routers``) and LoRA adapters (``train_config.lora``) are trained, in float32. Routed layers
+    make hard 0/1 decisions with a straight-through gradient and run per ``train_config.training_forward``: ``masked``
+    gives every trainable parameter a gradient on every step; with ``real`` a LoRA adapter of a sub-layer that a whole
+    micro-batch skips gets none, so DDP then runs with ``find_unused_parameters``.
+
+    resume: continue from the last checkpoint in ``output_dir`` (same final routers as an uninterrupted run);
+        trajectory-defining settings that differ from the checkpoint's are warned about and the checkpoint's kept.
+        Without it, an ``output_dir`` that already holds checkpoints is an error.
+    stop_after: end this call once this many optimizer steps are done in total (a checkpoint is saved); the learning
+        rate schedule still spans the whole run.
+
+    The model's ``requires_grad`` flags, train/eval mode and parameter dtypes are restored on return (trained
+    weights stay in place); with LoRA the returned ``TrainResult.model`` is the ``PeftModel``.
+    """
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 or None, got {stop_after!r}")
+    run = _setup(train_config, router_config, resume)
+    data = _data(run, tokenizer, dataset, stop_after)
+    trainee = _model(run, model, data.total_steps)
     try:
-        prepared.train()
-        for step in range(start_step, end_step):
-            t_step = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]
-            micro_batches, n_labels = my_micro_batches(step)
-            # summed over this process's micro-batches: CE, capacity penalty, real tokens, executed / total per layer
-            stats = torch.zeros(3 + 2 * len(layer_ids), dtype=torch.float64)
-            for micro in micro_batches:
-                batch = {k: v.to(accelerator.device) for k, v in _collate(micro, pad_id).items()}
-                with accelerator.accumulate(prepared):
-                    ctx = RoutingContext("masked", batch["attention_mask"], RoutingTrace())
-                    out = prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   routing_context=ctx, use_cache=False)
-                    ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                         ignore_index=IGNORE_INDEX, reduction="sum")
-                    penalty = rcfg.capacity_weight * F.relu(ctx.trace.capacity().float() - rcfg.capacity)
-                    # global-batch normalisation; x world undoes DDP's mean, x accum undoes accelerate's division
-                    loss = ce / max(n_labels, 1) + penalty / n_micro
-                    accelerator.backward(loss * world * accum)
-                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                counts = ctx.trace.counts()
-                stats += torch.tensor([ce.item(), penalty.item(), batch["attention_mask"].sum().item(),
-                                       *[counts[i][0] for i in layer_ids], *[counts[i][1] for i in layer_ids]],
-                                      dtype=torch.float64)
-            if not optimizer.step_was_skipped:  # fp16 overflow skips the step
-                scheduler.step()
-            stats = accelerator.reduce(stats.to(accelerator.device), "sum").cpu()
-            ce_sum, pen_sum, tokens = stats[:3].tolist()
-            executed, total = stats[3 : 3 + len(layer_ids)], stats[3 + len(layer_ids) :]
-            tokens_total += tokens
-            task_loss, capacity_loss = ce_sum / max(n_labels, 1), pen_sum / n_micro
-            row = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": task_loss + capacity_loss,
-                   "task_loss": task_loss, "capacity_loss": capacity_loss,
-                   "capacity": float(executed.sum() / total.sum().clamp_min(1)),
-                   **{f"capacity_L{i}": float(e / t.clamp_min(1)) for i, e, t in zip(layer_ids, executed, total)},
-                   "lr": lr, "tokens_per_s": tokens / max(time.perf_counter() - t_step, 1e-9),
-                   "elapsed_s": time.perf_counter() - t_start}
-            history.append(row)
-            log.append(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", capacity=f"{row['capacity']:.3f}")
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == end_step:
-                checkpoint = save_checkpoint(step + 1)
-        bar.close()
-        wall = time.perf_counter() - t_start
-        completed = end_step == total_steps
-        final_dir = output_dir if completed else checkpoint
-        router_path = final_dir / "routers.safetensors"
-        adapter_path = final_dir / "adapter" if cfg.lora is not None else None
-        if completed and accelerator.is_main_process:
-            save_routers(base, router_path)
-            if adapter_path is not None:
-                accelerator.unwrap_model(prepared).save_pretrained(adapter_path)
-        accelerator.wait_for_everyone()
+        outcome = _loop(run, data, trainee)
+        completed = data.end_step == data.total_steps
+        router_path, adapter_path = _save_final(run, trainee, completed, outcome.checkpoint)
     finally:
-        for p in base.parameters():  # restore flags, dtypes and mode; new routers keep their default flag
-            p.requires_grad_(flags.get(p, True))
-            p.data = p.data.to(dtypes.get(p, p.dtype))
-        base.train(was_training)
-        train_model.train(was_training)
-    final_model = accelerator.unwrap_model(prepared, keep_fp32_wrapper=False)
+        trainee.restore()
+    return _result(run, trainee, outcome, completed, data.end_step, router_path, adapter_path)
+
+
+def _result(run: _Run, t: _Trainee, outcome: _LoopOutcome, completed: bool, steps: int, router_path: Path,
+            adapter_path: Path | None) -> TrainResult:
+    device = run.accelerator.device
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    last = history[-1] if history else {}
+    last = outcome.history[-1] if outcome.history else {}
     logger.info("Router-Tuning %s at step %d in %.1f s; capacity %s; routers: %s",
-                "done" if completed else "stopped", end_step, wall, last.get("capacity"), router_path)
+                "done" if completed else "stopped", steps, outcome.wall_time_s, last.get("capacity"), router_path)
     return TrainResult(
-        model=final_model, completed=completed, steps=end_step, router_path=router_path, adapter_path=adapter_path,
-        log_path=log.jsonl, wall_time_s=wall, tokens_per_s=tokens_total / max(wall, 1e-9),
-        peak_memory_bytes=int(peak), trainable_parameters=n_trainable, total_parameters=n_total,
-        final_capacity=last.get("capacity"), final_loss=last.get("loss"), history=history,
+        model=run.accelerator.unwrap_model(t.prepared, keep_fp32_wrapper=False), completed=completed, steps=steps,
+        router_path=router_path, adapter_path=adapter_path, log_path=run.output_dir / "train_log.jsonl",
+        wall_time_s=outcome.wall_time_s, tokens_per_s=outcome.tokens / max(outcome.wall_time_s, 1e-9),
+        peak_memory_bytes=int(peak), trainable_parameters=sum(p.numel() for p in t.trainable),
+        total_parameters=sum(p.numel() for p in t.train_model.parameters()), final_capacity=last.get("capacity"),
+        final_loss=last.get("loss"), history=outcome.history,
     )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Threshold calibration
-
-
-def _calibration_batches(data, tokenizer, batch_size: int, max_length: int, device) -> list[dict]:
-    """Right-padded ``{input_ids, attention_mask}`` batches from conversations (chat template), plain texts (the
-    tokenizer's default specials, e.g. BOS, as an evaluation encodes a context) or ready batches."""
-    items = list(data)
-    is_text = bool(items) and all(isinstance(x, str) for x in items)
-    if is_text or (items and isinstance(items[0], dict) and "messages" in items[0]):
-        if tokenizer is None:
-            raise ValueError("calibrating on conversations or texts needs a tokenizer")
-        if is_text:
-            encoded = tokenizer(items)["input_ids"]
-            empty = [i for i, ids in enumerate(encoded) if not ids]
-            if empty:
-                raise ValueError(f"calibration texts {empty[:5]} have no tokens (e.g. {items[empty[0]]!r}); "
-                                 "leave out empty texts")
-            rows = [{"input_ids": ids[:max_length], "labels": ids[:max_length]} for ids in encoded]
-        else:
-            rows = tokenize_conversations(tokenizer, items, max_length)
-        pad_id = _pad_id(tokenizer)
-        items = [_collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
-    batches = []
-    for b in items:
-        if not (isinstance(b, dict) and "input_ids" in b):
-            raise ValueError("calibration data must be conversations, texts or batches "
-                             "{'input_ids': [B, T], 'attention_mask'?}")
-        ids = torch.as_tensor(b["input_ids"]).to(device)
-        mask = b.get("attention_mask")
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask).to(device)})
-    if not batches:
-        raise ValueError("no calibration data")
-    return batches
 
 
 @torch.no_grad()
@@ -741,7 +759,7 @@ def calibrate_thresholds(
     if not 0.0 < capacity <= 1.0:
         raise ValueError(f"capacity must be in (0, 1], got {capacity!r}")
     base = _base_model(model)
-    batches = _calibration_batches(data, tokenizer, batch_size, max_length, next(base.parameters()).device)
+    batches = forward_batches(data, tokenizer, batch_size, max_length, next(base.parameters()).device)
     mode = base.routertune.mode
     layers = [i for i, layer in routed_layers(base).items() if layer.router is not None]
     was_training = model.training

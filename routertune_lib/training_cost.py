@@ -152,7 +152,7 @@ def full_finetune(model, tokenizer, train, config: CostConfig, limit: int) -> di
     a seeded permutation of the tokenized conversations, ``global_batch`` rows per step in ``micro_batch`` chunks,
     loss = summed assistant-token cross-entropy / the step's label count. Returns wall_s, tokens_per_s, trainable,
     total, peak_memory_bytes, peak_memory_kind, final_loss (the last step's loss)."""
-    from .training import _collate, _pad_id, tokenize_conversations
+    from .batching import collate, pad_id, tokenize_conversations
 
     c = config
     device = next(model.parameters()).device
@@ -170,7 +170,7 @@ def full_finetune(model, tokenizer, train, config: CostConfig, limit: int) -> di
         n_labels = sum(sum(t != -100 for t in r["labels"][1:]) for r in batch)
         loss_sum = 0.0
         for j in range(0, len(batch), c.micro_batch):
-            mb = {k: v.to(device) for k, v in _collate(batch[j : j + c.micro_batch], _pad_id(tokenizer)).items()}
+            mb = {k: v.to(device) for k, v in collate(batch[j : j + c.micro_batch], pad_id(tokenizer)).items()}
             logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), mb["labels"][:, 1:].flatten(),
                                                      ignore_index=-100, reduction="sum") / max(n_labels, 1)

@@ -19,6 +19,8 @@ from routertune_lib.moe import (
 )
 from routertune_lib.routing import (
     RouterConfig,
+    RoutingContext,
+    RoutingTrace,
     attach_routers,
     detach_routers,
     load_routers,
@@ -233,6 +235,24 @@ def test_training_checkpoint_and_reload(tmp_path):
     assert torch.equal(out.logits, ref.logits) and out.routing.capacity() == ref.routing.capacity()
     with pytest.raises(ValueError, match="trained for another model"):
         load_routers(tiny_moe("mixtral"), path)
+
+
+@pytest.mark.parametrize("training_forward", ["masked", "real"])
+def test_both_training_forwards_give_expert_routers_a_gradient_and_real_keeps_the_logits(training_forward, batch):
+    ids, mask = batch
+    model = tiny_moe("olmoe", "grouped_mm")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach_routers(model, expert_router_config(model))
+    random_expert_routers(model, ids, mask)
+    with torch.no_grad(), routing_mode(model, training_forward):
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    ctx = RoutingContext(training_forward, mask, RoutingTrace(), training_forward=training_forward)
+    out = model(input_ids=ids, attention_mask=mask, routing_context=ctx, use_cache=False)
+    assert torch.allclose(out.logits, ref, atol=1e-5)  # the straight-through factor is 1 in value
+    grads = torch.autograd.grad(out.logits[mask.bool()].logsumexp(-1).sum(), [m.router.weight for m in
+                                                                                routed_layers(model).values()])
+    assert all(g.abs().sum() > 0 for g in grads)
 
 
 def tiny_model_like(model):

@@ -11,11 +11,15 @@ from conftest import CONFIGS, left_padded_batch, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from routertune_lib.routing import (
+    MODES,
     RouterConfig,
+    RoutingContext,
+    RoutingTrace,
     attach_routers,
     detach_routers,
     load_routers,
     routed_layers,
+    router_parameters,
     routing_mode,
     save_routers,
     set_thresholds,
@@ -377,6 +381,72 @@ def test_straight_through_gradient_reaches_zero_routers(target, level, batch):
     out.loss.backward()
     for layer in routed_layers(model).values():
         assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training_forward", MODES)
+@pytest.mark.parametrize("target, level", GRANULARITIES)
+def test_router_gradient_by_training_forward_and_skipped_inputs(target, level, training_forward, batch):
+    """Both training forwards compute the inference logits of their mode and pass the straight-through gradient to the
+    router through kept inputs; with ``real`` a skipped input's layer output does not depend on the router at all (no
+    task-loss gradient), with ``masked`` it does (its sub-layer output times a 0 that carries the gradient)."""
+    ids, mask = batch
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach_routers(model, RouterConfig(target=target, level=level, layers=[3]))
+    mixed_routers(model, ids, mask)
+    layer = routed_layers(model)[3]
+    outputs = []
+    hook = layer.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+    ctx = RoutingContext(training_forward, mask, RoutingTrace(), training_forward=training_forward)
+    logits = model(input_ids=ids, attention_mask=mask, routing_context=ctx, use_cache=False).logits
+    hook.remove()
+    with torch.no_grad(), routing_mode(model, training_forward):  # the straight-through factor is 1 in value
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, logits, atol=1e-5)
+    (d,) = ctx.trace.decisions
+    keep = d.keep.detach().bool() if level == "token" else d.keep.detach().bool()[:, None].expand(mask.shape)
+    real = mask.bool()
+    out = outputs[0]  # [B, T, d] the routed layer's output
+    assert (keep & real).any() and (~keep & real).any()
+
+    def router_grad(positions):
+        (g,) = torch.autograd.grad(out[positions].sum(), layer.router.weight, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(layer.router.weight) if g is None else g
+
+    assert router_grad(keep & real).abs().sum() > 0
+    skipped = router_grad(~keep & real).abs().sum()
+    assert skipped == 0 if training_forward == "real" else skipped > 0
+
+
+def test_routing_context_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="training_forward must be one of .*'soft'"):
+        RoutingContext("real", None, RoutingTrace(), training_forward="soft")
+
+
+@pytest.mark.parametrize("level", ["sequence", "token"])
+def test_router_bias_option(level, batch, tmp_path):
+    ids, mask = batch
+    with torch.no_grad():
+        ref = tiny_model("llama")(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(ValueError, match="router_bias must be True or False"):
+        RouterConfig(router_bias="yes")
+    model = attach_routers(tiny_model("llama"), RouterConfig(level=level, num_layers=3, router_bias=True))
+    layers = routed_layers(model)
+    assert len(router_parameters(model)) == 6 and all(layer.router.bias.item() == 0 for layer in layers.values())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)  # zero routers: dense
+    out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    out.loss.backward()
+    assert all(layer.router.bias.grad.abs().sum() > 0 for layer in layers.values())
+
+    layers[3].router.bias.data.fill_(-1.0)  # the bias alone moves a whole layer below the threshold
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    assert out.routing.executed_fraction() == {2: 1.0, 3: 0.0, 4: 1.0}
+    fresh = load_routers(tiny_model("llama"), save_routers(model, tmp_path / "routers.safetensors"))
+    assert torch.equal(routed_layers(fresh)[3].router.bias, layers[3].router.bias.detach())
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids, attention_mask=mask).logits, out.logits)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------

@@ -11,13 +11,24 @@ import pytest
 import torch
 from _two_process_train import TRAIN, conversations, tiny_tokenizer
 from conftest import tiny_model
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from routertune_lib.routing import RouterConfig, attach_routers, router_parameters, routed_layers, set_thresholds
+from routertune_lib.routing import (
+    LayerDecision,
+    RouterConfig,
+    RoutingContext,
+    RoutingTrace,
+    attach_routers,
+    router_parameters,
+    routed_layers,
+    set_thresholds,
+)
 from routertune_lib.training import (
     LoraSettings,
     TrainConfig,
     calibrate_thresholds,
+    capacity_penalty,
     tokenize_conversations,
     train_routers,
 )
@@ -136,6 +147,106 @@ def test_without_capacity_loss_routers_still_get_a_gradient_at_step_zero(tmp_pat
     # Adam's first step moves every weight with a non-zero gradient by ~lr and leaves zero-gradient ones at 0
     assert all((w != 0).all() for w in _routers(model).values())
     assert not result.completed and result.router_path.parent.name == "step-000001"
+
+
+# -- capacity loss and training forward options -------------------------------------------------------------------
+
+
+def test_option_validation():
+    with pytest.raises(ValueError, match="capacity_loss must be one of .*'l2'"):
+        RouterConfig(capacity_loss="l2")
+    with pytest.raises(ValueError, match="training_forward must be one of"):
+        TrainConfig(training_forward="soft")
+    assert RouterConfig().capacity_loss == "hinge" and TrainConfig().training_forward == "masked"
+
+
+def _trace(fractions: list[float], n: int = 10) -> RoutingTrace:
+    """Sequence decisions of ``n`` rows per layer with the given executed fractions; STE-like keeps with a grad."""
+    decisions = []
+    for i, f in enumerate(fractions):
+        keep = (torch.arange(n) < round(f * n)).float().requires_grad_(True)
+        decisions.append(LayerDecision(i, keep, torch.ones(n), None))
+    return RoutingTrace(decisions)
+
+
+def test_hinge_is_zero_at_or_below_the_target_and_linear_sums_the_layers():
+    hinge = RouterConfig(capacity=0.5, capacity_weight=2.0)
+    linear = RouterConfig(capacity=0.5, capacity_weight=2.0, capacity_loss="linear")
+    for fractions in ([0.5, 0.5], [0.3, 0.5]):
+        trace = _trace(fractions)
+        penalty = capacity_penalty(trace, hinge)
+        penalty.backward()
+        assert penalty.item() == 0.0 and all(d.keep.grad.abs().sum() == 0 for d in trace.decisions)
+    trace = _trace([0.8, 0.6])
+    assert capacity_penalty(trace, hinge).item() == pytest.approx(2.0 * (0.7 - 0.5))
+    penalty = capacity_penalty(trace, linear)
+    assert penalty.item() == pytest.approx(2.0 * (0.8 + 0.6))
+    penalty.backward()  # every input of every layer is pushed towards skipping, below the target too
+    assert all(torch.allclose(d.keep.grad, torch.full((10,), 2.0 / 10)) for d in trace.decisions)
+    assert capacity_penalty(_trace([0.2, 0.1]), linear).item() > 0
+
+
+@pytest.mark.parametrize("capacity_loss", ["hinge", "linear"])
+@pytest.mark.parametrize("training_forward", ["masked", "real"])
+def test_every_loss_and_training_forward_gives_every_router_a_gradient(capacity_loss, training_forward):
+    tok = tiny_tokenizer()
+    batch = tokenize_conversations(tok, conversations(4), 96)
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(r["input_ids"]) for r in batch], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(r["input_ids"]), dtype=torch.long) for r in batch],
+                                           batch_first=True)
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rc = RouterConfig(num_layers=3, capacity_loss=capacity_loss, capacity_weight=1.0)
+    attach_routers(model, rc)
+    for name in ("task", "capacity"):
+        ctx = RoutingContext(training_forward, mask, RoutingTrace(), training_forward=training_forward)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), routing_context=ctx,
+                    use_cache=False)
+        loss = out.loss if name == "task" else capacity_penalty(ctx.trace, rc)
+        grads = torch.autograd.grad(loss, router_parameters(model))
+        assert all(g.abs().sum() > 0 for g in grads), name
+
+
+def test_linear_capacity_loss_pushes_capacity_below_the_hinge_target(tmp_path):
+    rc = RouterConfig(num_layers=3, level="token", capacity=0.5, capacity_weight=1.0, capacity_loss="linear")
+    result = train_routers(tiny_model("llama"), tiny_tokenizer(), conversations(16), rc, _config(tmp_path, epochs=2))
+    capacities = [r["capacity"] for r in result.history]
+    assert capacities[0] == 1.0 and result.history[0]["capacity_loss"] == pytest.approx(3.0)  # 3 layers at 1.0
+    assert capacities[-1] < 0.5, capacities
+
+
+def test_router_bias_trains_and_resumes(tmp_path):
+    tok, data, rc = tiny_tokenizer(), conversations(16), RouterConfig(num_layers=3, router_bias=True)
+    full = tiny_model("llama")
+    train_routers(full, tok, data, rc, _config(tmp_path, "full"))
+    assert all(layer.router.bias.abs().sum() > 0 for layer in routed_layers(full).values())
+    train_routers(tiny_model("llama"), tok, data, rc, _config(tmp_path, "resumed"), stop_after=1)
+    resumed = tiny_model("llama")
+    train_routers(resumed, tok, data, rc, _config(tmp_path, "resumed"), resume=True)
+    assert all(torch.equal(a.router.bias, b.router.bias) and torch.equal(a.router.weight, b.router.weight)
+               for a, b in zip(routed_layers(full).values(), routed_layers(resumed).values()))
+
+
+def test_options_round_trip_through_checkpoints_and_resume(tmp_path, caplog):
+    tok, data = tiny_tokenizer(), conversations(16)
+    rc = RouterConfig(num_layers=3, capacity_loss="linear", capacity_weight=1.0)
+    full = tiny_model("llama")
+    train_routers(full, tok, data, rc, _config(tmp_path, "full", training_forward="real"))
+    cfg = _config(tmp_path, "resumed", training_forward="real")
+    train_routers(tiny_model("llama"), tok, data, rc, cfg, stop_after=1)
+    state = torch.load(Path(cfg.output_dir) / "checkpoints" / "step-000001" / "trainer_state.pt", weights_only=False)
+    assert state["train_config"]["training_forward"] == "real" and state["router_config"]["capacity_loss"] == "linear"
+    # resumed with the defaults: the checkpoint's options win, so the routers equal the uninterrupted run's
+    resumed = tiny_model("llama")
+    with caplog.at_level(logging.WARNING, logger="routertune_lib.training"):
+        result = train_routers(resumed, tok, data, RouterConfig(num_layers=3, capacity_weight=1.0),
+                               TrainConfig(**{**cfg.to_dict(), "training_forward": "masked"}), resume=True)
+    assert "training_forward='masked' differs" in caplog.text and "capacity_loss='hinge' differs" in caplog.text
+    assert result.completed
+    assert all(torch.equal(a, b) for a, b in zip(_routers(full).values(), _routers(resumed).values()))
+    with safe_open(str(result.router_path), framework="pt") as f:
+        assert json.loads(f.metadata()["config"])["capacity_loss"] == "linear"
 
 
 # -- resume and determinism ----------------------------------------------------------------------------------------
