@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .routing import EXPERTS, RoutingTrace
+from .moe import EXPERTS
+from .routing import RoutingTrace
 
 # MoE families whose every decoder layer is an MoE block without shared experts: config field names of
 # (number of experts, experts per token, one expert's FFN width).
