@@ -40,7 +40,7 @@ from routertune_lib.reporting import run_info, write_atomic, write_json, write_t
 from routertune_lib.routing import RouterConfig, RoutingContext, RoutingTrace, attach_routers, routed_layers, \
     set_thresholds
 from routertune_lib.speed import compare_settings, median_ci, prompt_pool
-from routertune_lib.training import _threshold_for, calibrate_thresholds
+from routertune_lib.training import threshold_for, calibrate_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS, LEVELS = ("attn", "mlp", "block"), ("sequence", "token")
@@ -83,7 +83,7 @@ def calibrate_in_one_pass(model, pool: torch.Tensor, capacity: float) -> None:
         finally:
             busy.pop()
         decision = probe.decisions[-1]
-        set_thresholds(model, {decision.layer: _threshold_for(decision.score[decision.weight > 0], capacity)})
+        set_thresholds(model, {decision.layer: threshold_for(decision.score[decision.weight > 0], capacity)})
 
     handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in routed_layers(model).values()]
     try:
@@ -324,11 +324,11 @@ def _config(name: str):
     """A bundled model's config without loading its weights."""
     from transformers import AutoConfig
 
-    from routertune_lib.models import BUILTIN_MODELS, _convert_builtin, builtin_cache_path
+    from routertune_lib.models import BUILTIN_MODELS, convert_builtin, builtin_cache_path
 
     path = builtin_cache_path(name)
     if name in BUILTIN_MODELS and not path.is_dir():
-        _convert_builtin(BUILTIN_MODELS[name], path)
+        convert_builtin(BUILTIN_MODELS[name], path)
     return AutoConfig.from_pretrained(path if name in BUILTIN_MODELS else name)
 
 

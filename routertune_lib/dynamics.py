@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from .evaluation import tok_encode
 from .experiments import conversation_batches
 from .routing import RoutingContext, RoutingTrace, routed_layers, set_thresholds
-from .training import _threshold_for
+from .training import threshold_for
 
 
 @dataclass
@@ -236,7 +236,7 @@ def calibrate_per_layer_one_forward(model, data, capacity: float, tokenizer=None
             h = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
             logits = layer.router(layer.get_submodule(layer.routing.arch.pre_attn_norm)(h)).squeeze(-1).float()
             score = torch.sigmoid((logits * real).sum(1) / real.sum(1).clamp_min(1.0))  # [B]
-            thresholds[i] = _threshold_for(score.cpu(), capacity)
+            thresholds[i] = threshold_for(score.cpu(), capacity)
             set_thresholds(model, {i: thresholds[i]})
 
         return set_threshold

@@ -161,13 +161,13 @@ STAND_IN_FROM = "smollm2-135m"
 def stand_in_tokenizer():
     """SmolLM2's tokenizer restricted to ids below the smallest paper vocabulary (BPE vocabulary and merges cut,
     special tokens and chat template kept); cached under ``<cache_dir()>/models/paper-stand-in-tokenizer``."""
-    from .models import BUILTIN_MODELS, _convert_builtin, builtin_cache_path
+    from .models import BUILTIN_MODELS, convert_builtin, builtin_cache_path
 
     target = cache_dir() / "models" / "paper-stand-in-tokenizer"
     if not target.is_dir():
         source = builtin_cache_path(STAND_IN_FROM)
         if not source.is_dir():
-            _convert_builtin(BUILTIN_MODELS[STAND_IN_FROM], source)
+            convert_builtin(BUILTIN_MODELS[STAND_IN_FROM], source)
         size = min(m.config["vocab_size"] for m in PAPER_CONFIGS.values())
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".stand-in-") as scratch:

@@ -132,7 +132,7 @@ def builtin_cache_path(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _convert_builtin(spec: BuiltinModel, target: Path) -> None:
+def convert_builtin(spec: BuiltinModel, target: Path) -> None:
     """De-quantise ``spec``'s GGUF and save it as a HF model directory at ``target``, atomically."""
     if importlib.util.find_spec(spec.package) is None:
         raise BundledModelNotInstalled(
@@ -203,7 +203,7 @@ def load_model(
     if builtin is not None:
         source = builtin_cache_path(builtin.name)
         if not source.is_dir():
-            _convert_builtin(builtin, source)
+            convert_builtin(builtin, source)
     elif os.path.isdir(name_or_path) or _HUB_ID.fullmatch(name_or_path):
         source = name_or_path
     else:
@@ -229,16 +229,25 @@ def load_model(
     _prepare_tokenizer(tokenizer, builtin)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "routertune", None) is not None:  # saved with save_pretrained while routed
-        from huggingface_hub import snapshot_download
+    for attr, restore in _CONFIG_RESTORERS.items():  # e.g. routers saved with save_pretrained while routed
+        if getattr(model.config, attr, None) is not None:
+            from huggingface_hub import snapshot_download
 
-        from .routing import restore_routers  # routing imports this module
-
-        local = source if os.path.isdir(source) else snapshot_download(source, allow_patterns=["*.safetensors"])
-        restore_routers(model, local)
+            local = source if os.path.isdir(source) else snapshot_download(source, allow_patterns=["*.safetensors"])
+            restore(model, local)
     model.eval()
     logger.info("Loaded %s (%s, %s) in %.1fs", name_or_path, device, dtype, time.perf_counter() - start)
     return model, tokenizer
+
+
+# config attribute -> restore(model, local_dir): what load_model re-attaches when a saved config carries that record.
+# Modules above this one register here (routing: "routertune"), so this module imports none of them.
+_CONFIG_RESTORERS: dict[str, Callable] = {}
+
+
+def register_config_restorer(attr: str, restore: Callable) -> None:
+    """Make ``load_model`` call ``restore(model, local_dir)`` for a model whose config has ``attr``."""
+    _CONFIG_RESTORERS[attr] = restore
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase:
@@ -247,7 +256,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL) -> PreTrainedTokenizerBase
     builtin = BUILTIN_MODELS.get(name_or_path)
     source = builtin_cache_path(name_or_path) if builtin is not None else name_or_path
     if builtin is not None and not source.is_dir():
-        _convert_builtin(builtin, source)
+        convert_builtin(builtin, source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     _prepare_tokenizer(tokenizer, builtin)
     return tokenizer
@@ -278,7 +287,7 @@ def tiny_random_model(
     """
     base_dir = builtin_cache_path(tokenizer_from) if tokenizer_from in BUILTIN_MODELS else Path(tokenizer_from)
     if tokenizer_from in BUILTIN_MODELS and not base_dir.is_dir():
-        _convert_builtin(BUILTIN_MODELS[tokenizer_from], base_dir)
+        convert_builtin(BUILTIN_MODELS[tokenizer_from], base_dir)
     config = AutoConfig.from_pretrained(base_dir)
     heads = max(1, hidden_size // 16)
     config.update(

@@ -59,7 +59,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .architectures import ArchSpec, arch_spec, decoder_layers
-from .models import model_identity
+from .models import model_identity, register_config_restorer
 from .reporting import write_atomic
 
 LEVELS = ("sequence", "token")
@@ -930,3 +930,6 @@ def restore_routers(model: nn.Module, directory: str | os.PathLike) -> nn.Module
             param.copy_(found[k])
     set_thresholds(model, record["thresholds"])
     return model
+
+
+register_config_restorer("routertune", restore_routers)

@@ -723,7 +723,7 @@ def _router_scores(model: nn.Module, mode: str, batches: list[dict]) -> dict[int
     return {i: torch.cat(s) for i, s in scores.items()}
 
 
-def _threshold_for(scores: torch.Tensor, capacity: float) -> float:
+def threshold_for(scores: torch.Tensor, capacity: float) -> float:
     """Midway between the ``k``-th and ``(k+1)``-th largest score, ``k = round(capacity * n)`` (at least 1):
     ``score >= t`` then holds for exactly ``k`` of these scores when there are no ties, and float noise of a
     re-run (another batch size) cannot flip the boundary input."""
@@ -768,11 +768,11 @@ def calibrate_thresholds(
         if per_layer:
             thresholds = {}
             for i in layers:
-                thresholds[i] = _threshold_for(_router_scores(model, mode, batches)[i], capacity)
+                thresholds[i] = threshold_for(_router_scores(model, mode, batches)[i], capacity)
                 set_thresholds(base, {i: thresholds[i]})
         else:
             for _ in range(rounds):
-                t = _threshold_for(torch.cat(list(_router_scores(model, mode, batches).values())), capacity)
+                t = threshold_for(torch.cat(list(_router_scores(model, mode, batches).values())), capacity)
                 thresholds = {i: t for i in layers}
                 set_thresholds(base, thresholds)
     finally:
