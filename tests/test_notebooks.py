@@ -54,6 +54,14 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
                 "figure8_expert_load": sum(len(m["moe_layers"]) * m["num_experts"] for m in models)}
     if notebook == "09_lora":
         return {"table8": 4, "lora_router_minus_lora": len(S["tasks"]) + 1, "table8_paper": len(paper.PAPER_TABLE8)}
+    if notebook == "10_router_dynamics":
+        L, docs = len(run["routed_layers"]), S["held_out"]
+        return {"score_summary": L, "geometry": L, "calibrated_keep_share": L, "router_scores": L * docs,
+                "document_kl": docs, "fidelity": 2 + 3 * len(S["seeds"]),
+                "capacity_jumps": None}  # one row per large one-step capacity change of the training log
+    if notebook == "11_headline_fidelity":
+        T, settings = len(S["tasks"]), 5  # tuned (2 decision rules), random router, static drop of k and k + 1
+        return {"fidelity": settings * (3 * T + 2), "paired": (settings - 1) * (3 * T + 1 + 3)}
     raise AssertionError(f"no expected tables for {notebook}: add them here")
 
 
@@ -76,7 +84,7 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
     rows = _rows(notebook, run)
     for name, n in rows.items():
         table = pd.read_csv(out / f"{name}.csv")
-        assert len(table) == n, (name, len(table), n)
+        assert n is None or len(table) == n, (name, len(table), n)
         assert (out / f"{name}.md").is_file()
     # the same files, with the same columns (up to the tasks), as the committed cpu run
     committed = COMMITTED / notebook / "cpu"
