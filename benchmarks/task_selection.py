@@ -46,7 +46,6 @@ def rows_for(model_name: str, tasks: list[str], shots: str, limit: int, seed: in
     num_fewshot = None if shots == "paper" else int(shots)
     rows = []
     for name in tasks:
-        t0 = time.perf_counter()
         r = ev.evaluate(model, tok, [name], num_fewshot=num_fewshot, limit=limit, seed=seed,
                         batch_size=batch_size).tasks[name]
         half = 1.96 * r.stderr[r.metric]
@@ -56,7 +55,7 @@ def rows_for(model_name: str, tasks: list[str], shots: str, limit: int, seed: in
             "value": r.score, "ci_low": r.score - half, "ci_high": r.score + half, "ci_half_width": half,
             "chance": r.chance, "majority": majority_rate(name, limit, seed),
             "above_chance": bool(r.score - half > floor), "margin_over_chance": r.score - floor,
-            "seconds": round(time.perf_counter() - t0, 1), "cached": r.cached,
+            "eval_seconds": round(r.seconds, 1), "cached": r.cached,
         })
         logging.info("%s %s %d-shot: %s = %.3f +- %.3f (chance %.3f)", model_name, name, r.num_fewshot, r.metric,
                      r.score, half, floor)
