@@ -352,6 +352,23 @@ def table_lora_router_minus_lora(r: Results) -> str:
     return md(rows, right=("LoRA", "LoRA + Router-Tuning"))
 
 
+def table_task_selection(r: Results) -> str:
+    df = r.csv("results/task_selection/task_selection.csv")
+    rows = [{"model": MODEL_NAMES[x.model], "task": f"{TASK_NAMES[x.task]} ({x.metric})", "shots": x.shots, "n": x.n,
+             "score [95% CI]": f"{num(100 * x.value)} [{num(100 * x.ci_low)}, {num(100 * x.ci_high)}]",
+             "chance": num(100 * max(x.chance, 0 if pd.isna(x.majority) else x.majority)),
+             "above chance": "yes" if x.above_chance else "no"} for x in df.itertuples()]
+    return md(rows, right=("shots", "n", "chance"))
+
+
+def table_dynamics_fidelity(r: Results) -> str:
+    df = r.csv("results/10_router_dynamics/cpu/fidelity.csv")
+    rows = [{"setting": x.setting, "n": x.n, "mean KL to dense": num(x.mean_kl, 3),
+             "minus trained [95% CI]": "" if x.verdict == "reference" else ci(x.diff, x.ci_low, x.ci_high, 3),
+             "trained closer to dense": "" if x.verdict == "reference" else x.verdict} for x in df.itertuples()]
+    return md(rows, right=("n", "mean KL to dense"))
+
+
 TABLES = {
     "runs": table_runs, "speed": table_speed, "training-cost": table_training_cost,
     "lm-eval-agreement": table_lm_eval_agreement, "quickstart-accuracy": table_quickstart_accuracy,
@@ -361,7 +378,8 @@ TABLES = {
     "num-layers": table_num_layers, "half-vs-max": table_half_vs_max, "table5": table_table5,
     "table5-tasks": table_table5_tasks, "table6": table_table6, "table7": table_table7,
     "moe-real-vs-masked": table_moe_real_vs_masked, "table8": table_table8,
-    "lora-router-minus-lora": table_lora_router_minus_lora,
+    "lora-router-minus-lora": table_lora_router_minus_lora, "task-selection": table_task_selection,
+    "dynamics-fidelity": table_dynamics_fidelity,
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------
