@@ -122,7 +122,8 @@ def forward_batches(data, tokenizer, batch_size: int, max_length: int, device) -
             encoded = tokenizer(items)["input_ids"]
             empty = [i for i, ids in enumerate(encoded) if not ids]
             if empty:
-                raise ValueError(f"texts {empty[:5]} have no tokens (e.g. {items[empty[0]]!r}); leave out empty texts")
+                raise ValueError(f"calibration texts {empty[:5]} have no tokens (e.g. {items[empty[0]]!r}); "
+                                 "leave out empty texts")
             rows = [{"input_ids": ids[:max_length], "labels": ids[:max_length]} for ids in encoded]
         else:
             rows = tokenize_conversations(tokenizer, items, max_length)

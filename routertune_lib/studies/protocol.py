@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluation import EvalResults, evaluate, task_prompts
+from ..evaluation import EvalResults, evaluate, get_task, task_prompts
 from ..experiments import measure_speedups, profile_settings, routed_copy, router_record, tuned_routers
 from ..reporting import results_dir, run_info, write_json, write_table
 from ..routing import RouterConfig
@@ -18,7 +18,7 @@ from ..training import calibrate_thresholds
 
 CAPACITY = 0.5  # the paper's target capacity of the routed layers
 CALIB_MAX_LENGTH = 2048  # calibration prompts are scored whole, as the evaluation scores them
-TIMING_SHOTS = 10  # timing prompts are 10-shot task prompts: long enough for the profiles' prompt lengths
+TIMING_SHOTS = 10  # timing prompts are few-shot task prompts: at least 10 shots, one per 8 prompt tokens
 
 
 def settings_for(settings: dict, profile: str) -> dict:
@@ -48,9 +48,12 @@ def mindskip_config(num_hidden_layers: int, num_layers: int | None = None, capac
 
 def timing_pool(tokenizer, tasks, speed: dict):
     """``[num_prompts, prompt_len]`` token ids for timing generation (``speed``: a study's speed settings): one
-    ``TIMING_SHOTS``-shot prompt of ``tasks`` per timing prompt (seed 1, so not the calibration prompts); real task
-    text, since random token ids do not route like text."""
-    texts = task_prompts(tasks, speed["num_prompts"], seed=1, num_fewshot=TIMING_SHOTS)
+    few-shot prompt of ``tasks`` (``max(TIMING_SHOTS, prompt_len // 8)`` shots) per timing prompt (seed 1, so not
+    the calibration prompts); real task text, since random token ids do not route like text."""
+    # MMLU's few-shot pool is per subject (5 dev examples), too small for TIMING_SHOTS: time on the other tasks
+    pooled = [t for t in tasks if get_task(t).fewshot_group is None] or list(tasks)
+    shots = max(TIMING_SHOTS, speed["prompt_len"] // 8)  # the shortest examples (WinoGrande) take 10-20 tokens
+    texts = task_prompts(pooled, speed["num_prompts"], seed=1, num_fewshot=shots)
     return text_prompt_pool(tokenizer, texts, speed["num_prompts"], speed["prompt_len"])
 
 
