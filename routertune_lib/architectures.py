@@ -67,3 +67,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"(e.g. from routertune_lib.load_model)."
         )
     return layers
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside DDP / peft wrappers (where the routers live)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+

@@ -16,7 +16,8 @@ over the global batch, not per micro-batch or per process, so the gradient does 
 on the number of processes (up to float error). ``TrainConfig.training_forward`` chooses how routed layers execute
 while their routers train: ``masked`` (every input computed) or ``real`` (kept inputs only; see ``routing``).
 
-``calibrate_thresholds`` then sets per-layer thresholds so a trained router hits any requested capacity.
+``calibrate_thresholds`` (``calibration``, re-exported here) then sets per-layer thresholds so a trained router hits any
+requested capacity. The settings are ``train_config``'s ``TrainConfig`` and ``LoraSettings``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import random
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from .batching import IGNORE_INDEX, collate, forward_batches, num_labels, pad_id, tokenize_conversations
+from .architectures import base_model
+from .batching import IGNORE_INDEX, collate, num_labels, pad_id, tokenize_conversations
+from .calibration import calibrate_thresholds, threshold_for
 from .reporting import write_atomic
 from .routing import (
-    MODES,
     RouterConfig,
     RoutingContext,
     RoutingTrace,
@@ -57,13 +59,11 @@ from .routing import (
     router_parameters,
     routed_layers,
     save_routers,
-    set_thresholds,
 )
+from .train_config import LoraSettings, TrainConfig, TrainResult
 
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # TrainConfig fields that define the training trajectory: on resume the checkpoint's values win (with a warning).
 _TRAJECTORY_FIELDS = (
     "learning_rate", "weight_decay", "adam_betas", "adam_eps", "warmup_ratio", "epochs", "global_batch_size",
@@ -72,171 +72,7 @@ _TRAJECTORY_FIELDS = (
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration
-
-
-def _from_dict(cls, d: dict):
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"Unknown {cls.__name__} keys {unknown}; valid keys: {known}")
-    return cls(**d)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapters trained with (or instead of) the routers (paper Table 8; its LoRA hyper-parameters are not
-    reported, these are peft's usual ones).
-
-    r: rank >= 1. alpha: scaling numerator > 0 (scale = alpha / r). dropout: in [0, 1).
-    target_modules: module-name suffixes to adapt; the default covers Llama, Mistral, Qwen2 and Gemma3.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = LORA_TARGETS
-
-    def __post_init__(self):
-        self.target_modules = tuple(self.target_modules)
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoraSettings.r must be an integer >= 1, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraSettings.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
-            raise ValueError(f"LoraSettings.target_modules must be non-empty module names, got {self.target_modules!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoraSettings":
-        return _from_dict(cls, d)
-
-
-@dataclass
-class TrainConfig:
-    """Router-Tuning hyper-parameters; defaults are the paper's released script (Alpaca, 1 epoch, bf16 on GPU).
-
-    learning_rate: AdamW peak lr > 0 (paper grid 1e-5, 2e-5, 5e-5, 1e-4, 2e-4; released script 1e-5).
-    weight_decay: >= 0. adam_betas: each in [0, 1). adam_eps: > 0 (HF Trainer defaults).
-    warmup_ratio: fraction of steps of linear warmup before the cosine decay to 0, in [0, 1)
-        (warmup steps = ceil(ratio * total steps), as in HF Trainer).
-    epochs: passes over the data, >= 1; each epoch is a fresh permutation from ``seed``; the last
-        ``len(data) % global_batch_size`` rows of each permutation are dropped (a full global batch per step).
-    global_batch_size: conversations per optimizer step, >= 1; must be a multiple of
-        ``micro_batch_size * num_processes`` (gradient accumulation makes up the rest).
-    micro_batch_size: conversations per forward on one process, >= 1 (memory only; the result does not depend on it).
-    max_length: tokens per conversation after the chat template, >= 2 (longer ones are truncated on the right).
-    max_grad_norm: clip the global gradient norm to this (> 0), or ``None`` for no clipping.
-    seed: data order, LoRA initialisation and dropout.
-    output_dir: logs, checkpoints and the final routers (``routers.safetensors``) / adapters (``adapter/``).
-    save_every: save a checkpoint every this many optimizer steps (>= 1), or ``None`` for only at the end.
-    mixed_precision: ``no``, ``bf16`` (CPU, or a GPU that supports it) or ``fp16`` (GPU only). Trainable parameters
-        are kept in float32 either way; a bf16/fp16 backbone needs autocast, i.e. ``bf16`` or ``fp16`` here.
-    lora: LoRA adapters to train, or ``None``.
-    train_routers: train the routers; ``False`` with ``lora`` set trains LoRA alone (routers frozen as they are).
-    training_forward: how routed layers execute in training (``routing.RoutingContext.training_forward``):
-        ``"masked"`` (default): every input runs the gated sub-layer and its output is multiplied by the hard 0/1
-        straight-through decision, so skipped inputs also pass task-loss gradient to the router;
-        ``"real"`` (the released 2024 code): only kept inputs run it, their output multiplied by the straight-through
-        decision (value 1); skipped inputs get no task-loss gradient. Inference is unaffected.
-    """
-
-    learning_rate: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    epochs: int = 1
-    global_batch_size: int = 64
-    micro_batch_size: int = 4
-    max_length: int = 2048
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    output_dir: str = "outputs/router-tuning"
-    save_every: int | None = None
-    mixed_precision: str = "no"
-    lora: LoraSettings | None = None
-    train_routers: bool = True
-    training_forward: str = "masked"
-
-    def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings.from_dict(self.lora)
-        self.adam_betas = tuple(self.adam_betas)
-        self.output_dir = str(self.output_dir)
-        checks = [
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas must be 2 values in [0, 1)"),
-            (self.adam_eps > 0, "adam_eps must be > 0"),
-            (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-            (isinstance(self.epochs, int) and self.epochs >= 1, "epochs must be an integer >= 1"),
-            (isinstance(self.global_batch_size, int) and self.global_batch_size >= 1, "global_batch_size must be an integer >= 1"),
-            (isinstance(self.micro_batch_size, int) and self.micro_batch_size >= 1, "micro_batch_size must be an integer >= 1"),
-            (self.global_batch_size % self.micro_batch_size == 0, "global_batch_size must be a multiple of micro_batch_size"),
-            (isinstance(self.max_length, int) and self.max_length >= 2, "max_length must be an integer >= 2"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
-            (isinstance(self.seed, int), "seed must be an integer"),
-            (self.save_every is None or (isinstance(self.save_every, int) and self.save_every >= 1), "save_every must be an integer >= 1 or None"),
-            (self.mixed_precision in MIXED_PRECISION, f"mixed_precision must be one of {MIXED_PRECISION}"),
-            (self.lora is None or isinstance(self.lora, LoraSettings), "lora must be a LoraSettings, a dict or None"),
-            (self.train_routers or self.lora is not None, "nothing to train: train_routers=False needs lora settings"),
-            (self.training_forward in MODES, f"training_forward must be one of {MODES} ('masked': every input "
-             "computed, 'real': kept inputs only)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"TrainConfig.{message}; got {self}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a plain dict (e.g. parsed YAML/JSON); unknown keys raise, listing the valid ones."""
-        return _from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TrainResult:
-    """What one ``train_routers`` call did.
-
-    model: the trained model (a ``peft.PeftModel`` wrapping the input model when LoRA is used, else the input model).
-    completed: False when ``stop_after`` ended the run early (resume it with ``resume=True``).
-    router_path: final routers (``output_dir/routers.safetensors``), or the last checkpoint's when stopped early.
-    adapter_path: the LoRA adapter directory (peft ``save_pretrained``, adapters only), or ``None``.
-    log_path: per-step JSON-lines log (a CSV with the same columns sits next to it).
-    tokens_per_s: real (non-padding) tokens processed per second over all processes.
-    peak_memory_bytes: CUDA max allocated on GPU; the process's peak RSS on CPU.
-    final_capacity: executed fraction over routed layers in the last step's global batch (training decisions).
-    history: the rows logged by this call.
-    """
-
-    model: nn.Module
-    completed: bool
-    steps: int
-    router_path: Path
-    adapter_path: Path | None
-    log_path: Path
-    wall_time_s: float
-    tokens_per_s: float
-    peak_memory_bytes: int
-    trainable_parameters: int
-    total_parameters: int
-    final_capacity: float | None
-    final_loss: float | None
-    history: list[dict] = field(default_factory=list, repr=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Checkpoints and logs
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The ``*ForCausalLM`` inside DDP / peft wrappers (where the routers live)."""
-    model = getattr(model, "module", model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -455,7 +291,7 @@ def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
     """Routers, frozen backbone, LoRA, float32 trainable parameters, AdamW with warmup + cosine, the checkpoint's
     weights / optimizer / scheduler / RNG on resume, and accelerate's wrapping."""
     cfg = run.cfg
-    base = _base_model(model)
+    base = base_model(model)
     _check_router_setup(base, run.rcfg)
     flags = {p: p.requires_grad for p in base.parameters()}
     dtypes = {p: p.dtype for p in base.parameters()}
@@ -706,76 +542,5 @@ def _result(run: _Run, t: _Trainee, outcome: _LoopOutcome, completed: bool, step
     )
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Threshold calibration
-
-
-@torch.no_grad()
-def _router_scores(model: nn.Module, mode: str, batches: list[dict]) -> dict[int, torch.Tensor]:
-    """``{layer: 1-D router probabilities}`` over all sequences (sequence level) or real tokens (token level)."""
-    scores: dict[int, list[torch.Tensor]] = {}
-    for b in batches:
-        ctx = RoutingContext(mode, b["attention_mask"], RoutingTrace())
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx, use_cache=False)
-        for d in ctx.trace.decisions:
-            if d.score is not None:
-                scores.setdefault(d.layer, []).append(d.score[d.weight > 0].float().cpu())
-    return {i: torch.cat(s) for i, s in scores.items()}
-
-
-def threshold_for(scores: torch.Tensor, capacity: float) -> float:
-    """Midway between the ``k``-th and ``(k+1)``-th largest score, ``k = round(capacity * n)`` (at least 1):
-    ``score >= t`` then holds for exactly ``k`` of these scores when there are no ties, and float noise of a
-    re-run (another batch size) cannot flip the boundary input."""
-    s = scores.sort(descending=True).values
-    k = min(len(s), max(1, int(capacity * len(s) + 0.5)))
-    return float(s[k - 1] if k == len(s) else (s[k - 1] + s[k]) / 2)
-
-
-def calibrate_thresholds(
-    model: nn.Module,
-    data,
-    capacity: float,
-    per_layer: bool = True,
-    *,
-    tokenizer=None,
-    batch_size: int = 8,
-    max_length: int = 2048,
-    rounds: int = 3,
-) -> dict[int, float]:
-    """Set router thresholds so the executed fraction on ``data`` equals ``capacity``; returns ``{layer: threshold}``.
-
-    data: conversations or plain texts (with ``tokenizer``; batched by ``batch_size``; e.g.
-        ``evaluation.task_prompts`` to calibrate on the kind of text an evaluation routes) or batches
-        ``{"input_ids": [B, T], "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per real token (token level).
-    per_layer=True: layers are calibrated in order, each on a forward where the layers before it already use their new
-        thresholds, so every routed layer executes exactly ``round(capacity * n)`` of its ``n`` inputs on ``data``
-        (barring tied scores). One forward pass over ``data`` per routed layer.
-    per_layer=False: one threshold for all layers, the pooled quantile of all layers' scores, re-estimated for
-        ``rounds`` passes (skipping upstream changes downstream scores); the executed fraction over all routed
-        layers is then close to, not exactly, ``capacity``, and individual layers differ.
-    Runs without gradients, in the model's routing mode; a threshold is a score, so it lies in [0, 1].
-    """
-    if not 0.0 < capacity <= 1.0:
-        raise ValueError(f"capacity must be in (0, 1], got {capacity!r}")
-    base = _base_model(model)
-    batches = forward_batches(data, tokenizer, batch_size, max_length, next(base.parameters()).device)
-    mode = base.routertune.mode
-    layers = [i for i, layer in routed_layers(base).items() if layer.router is not None]
-    was_training = model.training
-    model.eval()
-    try:
-        if per_layer:
-            thresholds = {}
-            for i in layers:
-                thresholds[i] = threshold_for(_router_scores(model, mode, batches)[i], capacity)
-                set_thresholds(base, {i: thresholds[i]})
-        else:
-            for _ in range(rounds):
-                t = threshold_for(torch.cat(list(_router_scores(model, mode, batches).values())), capacity)
-                thresholds = {i: t for i in layers}
-                set_thresholds(base, thresholds)
-    finally:
-        model.train(was_training)
-    logger.info("calibrated thresholds for capacity %.3f: %s", capacity, thresholds)
-    return thresholds
+__all__ = ["LoraSettings", "TrainConfig", "TrainResult", "calibrate_thresholds", "capacity_penalty", "threshold_for",
+           "train_routers"]
