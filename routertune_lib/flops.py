@@ -10,7 +10,7 @@ width ``d_kv`` (KV heads x head_dim) and MLP width ``d_ff``, a token that sees `
 
 Embedding lookups, norms, rotary embeddings and the routers themselves (2*d per token and routed layer) are not
 counted. Attention counts the scores a causal (sliding-window) attention needs, not those a kernel computes and
-masks. What routing skips follows ``routing.py``'s ``real`` mode:
+masks. What routing skips follows ``routing``'s ``real`` mode:
 
 - sequence level: a skipped row runs none of the gated sub-layer (no K/V either);
 - token level: a skipped token runs no query, scores or output projection, but its K/V are still written;

@@ -22,7 +22,7 @@ runs every assignment and multiplies its gate weight by ``keep``. When no real t
 call the experts module unchanged (padding rows included; they are never counted), so zero routers reproduce the
 original model bit for bit.
 
-The machinery is ``routing.py``'s: this module registers the ``experts`` target (``routing.register_target``), so
+The machinery is ``routing``'s: this module registers the ``experts`` target (``routing.register_target``), so
 ``RouterConfig(target="experts", level="token", layers=...)`` (see :func:`expert_router_config`), ``attach_routers`` /
 ``detach_routers`` / ``save_routers`` / ``load_routers`` / ``set_thresholds`` / ``routing_mode`` /
 ``calibrate_thresholds`` / ``train_routers`` all work unchanged; the routed module of a layer (``routed_layers``) is its
