@@ -88,7 +88,7 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
     assert executed.exists()
     out = tmp_path / "results" / notebook / "smoke"
     run = json.loads((out / "run.json").read_text())
-    assert run["profile"] == "smoke" and run["wall_time_s"] > 0 and run["run"]["torch"]
+    assert run["profile"] == "smoke" and run["wall_time_s"] > 0 and run["run"]["versions"]["torch"]
     rows = _rows(notebook, run)
     for name, n in rows.items():
         table = pd.read_csv(out / f"{name}.csv")
