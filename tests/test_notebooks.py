@@ -102,7 +102,10 @@ def test_notebook_runs_in_smoke_profile(notebook, tmp_path, monkeypatch):
         assert {p.stem for p in committed.glob("*.csv")} == set(rows)
         for csv in committed.glob("*.csv"):
             ours = pd.read_csv(out / csv.name, nrows=0).columns
-            assert _without_tasks(ours) == _without_tasks(pd.read_csv(csv, nrows=0).columns), csv.name
+            # every committed column is still written (a re-run replaces the committed table); columns added since
+            # the committed run (e.g. speed CIs and CPU times) appear when the cpu notebooks are re-run
+            missing = set(_without_tasks(pd.read_csv(csv, nrows=0).columns)) - set(_without_tasks(ours))
+            assert not missing, (csv.name, sorted(missing))
 
 
 def test_unknown_parameters_and_profiles_fail_with_the_valid_ones():
