@@ -271,10 +271,12 @@ def executed_fractions(model, data, tokenizer=None, max_length: int = 2048, batc
 def overall_skip(results: EvalResults, num_hidden_layers: int) -> float:
     """Share of all layers' (gated module) executions skipped during an evaluation: routed layers' skipped fraction
     times routed layers / all layers (0.0 for a dense model)."""
-    layers = results.routing.get("layers", {})
-    if not layers:
-        return 0.0
-    return sum(1.0 - f for f in layers.values()) / num_hidden_layers
+    return skipped_share(results.routing, num_hidden_layers)
+
+
+def skipped_share(routing: dict, num_hidden_layers: int) -> float:
+    """Share of all layers' executions skipped in a pass, from its ``RoutingStats.summary()`` (0.0 when empty)."""
+    return sum(1.0 - f for f in routing.get("layers", {}).values()) / num_hidden_layers
 
 
 # ----------------------------------------------------------------------------------------------------------------

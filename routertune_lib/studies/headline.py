@@ -16,7 +16,7 @@ from ..baselines import attach_static_drop, least_important, module_importance
 from ..dynamics import calibrate_per_layer_one_forward
 from ..evaluation import HELDOUT, bootstrap_ci, fidelity, reference_outputs, task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
-                           tuned_routers)
+                           skipped_share, tuned_routers)
 from ..plots import save_figure
 from ..routing import RouterConfig, attach_routers, load_routers
 from .protocol import CALIB_MAX_LENGTH, CAPACITY, Study, calibrate, mindskip_config
@@ -29,11 +29,6 @@ SETTINGS = {  # tasks where the model is above chance (results/task_selection), 
                   heldout_max_length=2048, n_boot=2000),
 }
 METRICS = ("kl", "delta_loglik", "agreement")  # per multiple-choice task; held-out text: kl, ppl_ratio
-
-
-def _skipped_share(routing: dict, num_hidden_layers: int) -> float:
-    """Share of all layers' attention executions skipped during a pass (its RoutingStats summary)."""
-    return sum(1.0 - f for f in routing.get("layers", {}).values()) / num_hidden_layers
 
 
 def run(profile: str) -> Study:
@@ -81,7 +76,7 @@ def run(profile: str) -> Study:
     rows = []
     for name, fid in settings.items():
         for task, t in fid.tasks.items():
-            skipped = _skipped_share(t["routing"], N)
+            skipped = skipped_share(t["routing"], N)
             for metric, v in t["metrics"].items():
                 if "ci_low" in v:
                     rows.append({"setting": name, "task": task, "metric": metric, "value": v["value"],
