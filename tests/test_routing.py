@@ -34,8 +34,24 @@ def mixed_routers(model, ids, mask, seed=0):
     """Random router weights, then per-layer thresholds that split the batch's decisions: every routed layer keeps
     about two thirds of its inputs, in prefill and over the decode steps of a greedy generate (both asserted)."""
     g = torch.Generator().manual_seed(seed)
-    for layer in routed_layers(model).values():
+    layers = routed_layers(model)
+    for layer in layers.values():
         layer.router.weight.data = torch.randn(layer.router.weight.shape, generator=g)
+    # Rescale each router so its largest real-token logit is 8: the hidden states of a real model (Gemma-3's reach
+    # norms in the thousands) would otherwise saturate the sigmoid, and tied scores of 1.0 cannot be split.
+    largest = {}
+    hooks = [
+        layer.router.register_forward_hook(
+            lambda module, args, out, i=i: largest.__setitem__(i, float(out.squeeze(-1)[mask.bool()].abs().max()))
+        )
+        for i, layer in layers.items()
+    ]
+    with torch.no_grad(), routing_mode(model, "masked"):
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    for h in hooks:
+        h.remove()
+    for i, layer in layers.items():
+        layer.router.weight.data *= 8.0 / max(largest[i], 1e-6)
     calibrate_thresholds(model, [{"input_ids": ids, "attention_mask": mask}], 2 / 3)
     with torch.no_grad():
         trace = model(input_ids=ids, attention_mask=mask, use_cache=False).routing
