@@ -14,7 +14,7 @@ from routertune_lib.data import OFFLINE_MIX, cache_dir
 from routertune_lib.evaluation import GEN_TASKS, MC_TASKS
 from routertune_lib.reproduce import check_parameters, run_notebooks
 from routertune_lib.studies import (across_models, cost, experts, generation, granularity, lora, num_layers,
-                                    speed_accuracy, training_data)
+                                    router_ablation, speed_accuracy, training_data)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -63,6 +63,10 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
     if notebook == "11_headline_fidelity":
         T, settings = len(S["tasks"]), 5  # tuned (2 decision rules), random router, static drop of k and k + 1
         return {"fidelity": settings * (3 * T + 2), "paired": (settings - 1) * (3 * T + 1 + 3)}
+    if notebook == "12_router_ablation":
+        V, L = len(router_ablation.TRAININGS), len(run["routed_layers"])
+        return {"training": V, "layer_keep": V * L, "document_kl": S["held_out"],
+                "fidelity": 2 + V * len(router_ablation.RULES)}
     raise AssertionError(f"no expected tables for {notebook}: add them here")
 
 
@@ -119,7 +123,7 @@ def test_unknown_parameters_and_profiles_fail_with_the_valid_ones():
 
 
 @pytest.mark.parametrize("study", [across_models, cost, experts, generation, granularity, lora, num_layers,
-                                   speed_accuracy, training_data])
+                                   router_ablation, speed_accuracy, training_data])
 def test_every_study_defines_the_three_profiles(study):
     assert set(study.SETTINGS) == {"smoke", "cpu", "paper"}
     with pytest.raises(ValueError, match="valid profiles"):
