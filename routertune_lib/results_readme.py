@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .evaluation import HELDOUT
 from .reporting import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,8 @@ def md(rows: list[dict], right: tuple[str, ...] = ()) -> str:
 # ---- tables -----------------------------------------------------------------------------------------------------
 
 NOTEBOOKS = ("00_quickstart", "01_granularity", "02_speed_accuracy", "03_generation_vs_attention_drop",
-             "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora")
+             "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora",
+             "10_router_dynamics", "11_headline_fidelity", "12_router_ablation")
 BENCHMARKS = {"speed": "speed/speed_smollm2-135m_cpu.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
@@ -369,6 +371,62 @@ def table_dynamics_fidelity(r: Results) -> str:
     return md(rows, right=("n", "mean KL to dense"))
 
 
+HEADLINE_METRICS = {"kl": ("KL(dense ‖ model)", 4), "delta_loglik": ("Δ gold log-likelihood", 4),
+                    "agreement": ("answer agreement", 3), "ppl_ratio": ("perplexity ratio", 4)}
+
+
+def _metric(metric: str, value, low, high) -> str:
+    """``value [low, high]`` with the metric's number of decimals."""
+    d = HEADLINE_METRICS[metric][1]
+    return f"{num(value, d)} [{num(low, d)}, {num(high, d)}]"
+
+
+def table_headline_fidelity(r: Results) -> str:
+    df = r.csv("results/11_headline_fidelity/cpu/fidelity.csv")
+    rows = [{"setting": x["setting"], "task": TASK_NAMES.get(x["task"], x["task"]),
+             "metric": HEADLINE_METRICS[x["metric"]][0], "n": x["n"],
+             "attention skipped": num(x["attention skipped (all layers)"], 3),
+             "value [95% CI]": _metric(x["metric"], x["value"], x["ci_low"], x["ci_high"])}
+            for x in df.to_dict("records") if x["metric"] in ("kl", "ppl_ratio")]
+    return md(rows, right=("n", "attention skipped"))
+
+
+def table_headline_paired(r: Results) -> str:
+    df = r.csv("results/11_headline_fidelity/cpu/paired.csv")
+    df = df[df.task.isin(["multiple choice (pooled)", HELDOUT]) | (df.metric == "kl")]
+    rows = [{"tuned router (per-layer) minus": x["router minus"], "task": TASK_NAMES.get(x["task"], x["task"]),
+             "metric": HEADLINE_METRICS[x["metric"]][0], "n": x["n"],
+             "difference [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"], HEADLINE_METRICS[x["metric"]][1]),
+             "router closer to dense": x["router closer to dense"]} for x in df.to_dict("records")]
+    return md(rows, right=("n",))
+
+
+def table_ablation_training(r: Results) -> str:
+    df = r.csv("results/12_router_ablation/cpu/training.csv")
+    rows = [{"variant": x["variant"], "steps": x["steps"], "train capacity (last step)":
+             num(x["train capacity (last step)"], 3), "held-out executed at 0.5": num(x["held-out executed at 0.5"], 3),
+             "within 0.5 ± 0.05": "yes" if x["within target ±0.05"] else "no",
+             "layer shares (min-max)": f"{num(x['layer min'], 2)}-{num(x['layer max'], 2)}",
+             "dynamic layers": f"{x['dynamic layers (0 < share < 1)']} of {x['layers']}"}
+            for x in df.to_dict("records")]
+    return md(rows, right=("steps", "train capacity (last step)", "held-out executed at 0.5"))
+
+
+def table_ablation_fidelity(r: Results) -> str:
+    df = r.csv("results/12_router_ablation/cpu/fidelity.csv")
+    rows = []
+    for x in df.to_dict("records"):
+        row = {"setting": x["variant"] if x["rule"] == "baseline" else f"{x['variant']} · {x['rule']}",
+               "executed": num(x["executed"], 3), "mean KL": num(x["mean KL"], 3)}
+        for label in ("static drop", "random router"):
+            has = not pd.isna(x.get(f"minus {label}"))
+            row[f"minus {label} [95% CI]"] = (ci(x[f"minus {label}"], x[f"{label} ci_low"], x[f"{label} ci_high"], 3)
+                                              if has else "")
+            row[f"vs {label}"] = x[f"vs {label}"] if has else ""
+        rows.append(row)
+    return md(rows, right=("executed", "mean KL"))
+
+
 TABLES = {
     "runs": table_runs, "speed": table_speed, "training-cost": table_training_cost,
     "lm-eval-agreement": table_lm_eval_agreement, "quickstart-accuracy": table_quickstart_accuracy,
@@ -379,7 +437,9 @@ TABLES = {
     "table5-tasks": table_table5_tasks, "table6": table_table6, "table7": table_table7,
     "moe-real-vs-masked": table_moe_real_vs_masked, "table8": table_table8,
     "lora-router-minus-lora": table_lora_router_minus_lora, "task-selection": table_task_selection,
-    "dynamics-fidelity": table_dynamics_fidelity,
+    "dynamics-fidelity": table_dynamics_fidelity, "headline-fidelity": table_headline_fidelity,
+    "headline-paired": table_headline_paired, "ablation-training": table_ablation_training,
+    "ablation-fidelity": table_ablation_fidelity,
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -174,11 +175,14 @@ def test_profiles_and_speedups():
     import copy
 
     routed = attach_routers(copy.deepcopy(model), RouterConfig(num_layers=2))
-    rows = experiments.measure_speedups(model, {"routed": routed}, batch_size=2, new_tokens=2, repeats=1,
+    rows = experiments.measure_speedups(model, {"routed": routed}, batch_size=2, new_tokens=2, repeats=3,
                                         prompt_len=8, num_prompts=2)
     assert isinstance(rows, pd.DataFrame) and list(rows.setting) == ["dense", "routed"]
     assert rows.speedup.iloc[0] == 1.0 and rows.kv_ratio.iloc[0] == 1.0
-    assert rows.speedup.iloc[1] == rows.generate_s.iloc[0] / rows.generate_s.iloc[1]
+    # the speed-up is the median of per-round ratios (not the ratio of medians), with its CI
+    per_round = [d / r for d, r in zip(rows.round_generate_s.iloc[0], rows.round_generate_s.iloc[1])]
+    assert rows.speedup.iloc[1] == pytest.approx(float(np.median(per_round)))
+    assert rows.speedup_ci_low.iloc[1] <= rows.speedup.iloc[1] <= rows.speedup_ci_high.iloc[1]
     assert rows.kv_ratio.iloc[1] == 1.0  # zero routers execute every layer: the same cache as dense
 
 

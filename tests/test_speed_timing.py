@@ -96,10 +96,10 @@ def test_real_tiny_settings_report_flops_kv_and_skipping():
     assert all(r.repeats == 1 and r.ci_coverage == 0.0 for r in rows.values())
 
 
-def benchmark():
-    """``benchmarks/speed.py`` as a module."""
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+def benchmark(name: str = "speed"):
+    """``benchmarks/<name>.py`` as a module."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -142,3 +142,21 @@ def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path):
     for suffix in (".csv", ".md", ".json", "_summary.md"):
         assert (tmp_path / f"speed_smoke_cpu{suffix}").is_file()
     assert json.loads((tmp_path / "run.json").read_text())["torch_threads"] == 1
+
+
+def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path):
+    profiler = benchmark("profile_speed")
+    threads = torch.get_num_threads()
+    try:
+        table = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_token", "attn static drop",
+                               "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert profiler.group_of("aten::index_select") == "routing bookkeeping"
+    assert profiler.group_of("aten::mm") == "matmul" and profiler.group_of("aten::view") == "other"
+    for (setting, phase), rows in table.groupby(["setting", "phase"]):
+        total = rows[rows.group == "total"].ms.item()
+        assert total > 0 and rows[rows.group != "total"].ms.sum() == pytest.approx(total), (setting, phase)
+    assert (table[table.setting == "dense"]["minus dense ms"] == 0).all()
+    for suffix in (".csv", ".md", ".json", "_ops.md"):
+        assert (tmp_path / f"profile_smoke_b8_t16{suffix}").is_file()
