@@ -359,6 +359,14 @@ def measure_speedups(dense, models: dict, prompts: torch.Tensor | None = None, *
     return rows
 
 
+def speedup_cells(row, name: str = "speedup") -> dict:
+    """``{name, name ci_low, name ci_high}`` of a ``measure_speedups`` row (its median-of-rounds speed-up and 95%
+    CI); ``row=None`` is the dense baseline (1.0, exactly)."""
+    if row is None:
+        return {name: 1.0, f"{name} ci_low": 1.0, f"{name} ci_high": 1.0}
+    return {name: row["speedup"], f"{name} ci_low": row["speedup_ci_low"], f"{name} ci_high": row["speedup_ci_high"]}
+
+
 @contextlib.contextmanager
 def routed_copy(model, router_path: str | Path | None = None, adapter_path: str | Path | None = None):
     """A deep copy of ``model`` (with the LoRA adapter ``adapter_path`` merged into its weights, see

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import PAPER_TASKS, compare, task_prompts
-from ..experiments import accuracy_table, comparison_frame, load_base_model, overall_skip, profile_train_config
+from ..experiments import (accuracy_table, comparison_frame, load_base_model, overall_skip, profile_train_config,
+                           speedup_cells)
 from ..paper import PAPER_MODELS, PAPER_TABLE5
 from ..plots import baseline, ci_yerr, save_figure
 from .protocol import (CAPACITY, Study, evaluate_setting, mindskip_config, resolved, shots_label, timing_pool,
@@ -53,7 +54,7 @@ def run(profile: str) -> Study:
         rows.append({"model": name, "layers": N, "routed layers": N // 2, "dense": acc.avg["dense"],
                      "routed": acc.avg["routed"], "diff": acc["diff"]["routed"], "ci_low": acc.ci_low["routed"],
                      "ci_high": acc.ci_high["routed"], "executed": acc.executed["routed"],
-                     "skipped share": overall_skip(r.results, N), "speedup": r.speed.speedup,
+                     "skipped share": overall_skip(r.results, N), **speedup_cells(r.speed),
                      "kv ratio": r.speed.kv_ratio, "skipped share (timing)": r.speed.skipped_share,
                      "tuning s": r.record["wall_time_s"], "dense (paper)": paper.get("dense"),
                      "routed (paper)": paper.get("routed"), "speedup (paper)": paper.get("speedup")})

@@ -108,7 +108,8 @@ def _table7_rows(results: dict, speed: pd.DataFrame, label: str, paper: dict, pa
     t = accuracy_table(results, baseline="dense")
     t.insert(0, "model", label)
     t["skipped share"] = 1 - t.executed
-    t["speedup"] = [speed.loc[s, "speedup"] for s in t.setting]
+    for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
+        t[col.replace("_ci", " ci")] = [speed.loc[s, col] for s in t.setting]
     t["generate_s"] = [speed.loc[s, "generate_s"] for s in t.setting]
     t["skipped share (timing)"] = [speed.loc[s, "skipped_share"] for s in t.setting]
     t["paper model"] = paper_model

@@ -11,7 +11,7 @@ import pandas as pd
 from ..baselines import attach_static_drop, least_important, module_importance
 from ..evaluation import compare, evaluate, task_prompts
 from ..experiments import (conversation_batches, load_base_model, measure_speedups, overall_skip,
-                           profile_train_config, routed_copy, router_record, tuned_routers)
+                           profile_train_config, routed_copy, router_record, speedup_cells, tuned_routers)
 from ..paper import PAPER_FIGURE3
 from ..plots import baseline, ci_yerr, save_figure
 from ..routing import load_routers
@@ -111,7 +111,7 @@ def _figure3(results: dict, speed: dict, dropped: dict, task: str, N: int, n_rou
                      "ci_high": 100 * d["ci_high"], "exact match (paper)": PAPER_FIGURE3[method].get(skip),
                      "skipped share (generation)": overall_skip(e, N),
                      "skipped share (timing prompts)": 0.0 if sp is None else sp.skipped_share,
-                     "speed-up": 1.0 if sp is None else sp.speedup, "kv ratio": 1.0 if sp is None else sp.kv_ratio,
+                     **speedup_cells(sp, "speed-up"), "kv ratio": 1.0 if sp is None else sp.kv_ratio,
                      "eval generation s": e.tasks[task].seconds, "eval cached": e.tasks[task].cached})
     table = pd.DataFrame(rows)
     table["eval speed-up"] = table["eval generation s"].iloc[0] / table["eval generation s"]

@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import PAPER_TASKS, task_prompts
-from ..experiments import accuracy_table, load_base_model, overall_skip, paper_tasks_mean, profile_train_config
+from ..experiments import (accuracy_table, load_base_model, overall_skip, paper_tasks_mean, profile_train_config,
+                           speedup_cells)
 from ..paper import PAPER_TABLE2
 from ..plots import diff_bars, save_figure
 from ..routing import RouterConfig
@@ -71,8 +72,7 @@ def _table2(results: dict, runs: dict, tasks: list[str], N: int) -> pd.DataFrame
     rows = []
     for _, r in ours.iterrows():
         p, speed = PAPER_TABLE2[r.setting], runs[r.setting].speed if r.setting in runs else None
-        row = {"setting": r.setting, "speedup": 1.0 if speed is None else speed.speedup,
-               "speedup (paper)": p["speedup"]}
+        row = {"setting": r.setting, **speedup_cells(speed), "speedup (paper)": p["speedup"]}
         for t in tasks:
             row[t], row[f"{t} (paper)"] = r[t], p.get(t)
         row.update({"avg": r.avg, "avg (paper, same tasks)": paper_tasks_mean(p, tasks),

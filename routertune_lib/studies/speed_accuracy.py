@@ -14,7 +14,7 @@ from ..baselines import attach_static_drop, least_important, module_importance
 from ..evaluation import PAPER_TASKS, compare, task_prompts
 from ..experiments import (accuracy_table, comparison_frame, conversation_batches, executed_fractions,
                            load_base_model, measure_speedups, overall_skip, profile_train_config, randomize_routers,
-                           routed_copy, tuned_routers)
+                           routed_copy, speedup_cells, tuned_routers)
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
 from ..plots import baseline, ci_yerr, save_figure
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
@@ -87,7 +87,7 @@ def _sweep(study, model, tokenizer, routed, dense, importance, layers, calibrati
         if c == 1.0 or k == 0:
             for m in METHODS:
                 evals[m, c] = dense
-                sweep.append({"method": m, "capacity": c, "dropped_layers": 0, "speedup": 1.0, "generate_s": None,
+                sweep.append({"method": m, "capacity": c, "dropped_layers": 0, **speedup_cells(None), "generate_s": None,
                               "skipped share (timing)": 0.0})
             continue
         calibrate(routed, calibration, c, S["calib_per_layer"], tokenizer)
@@ -101,7 +101,7 @@ def _sweep(study, model, tokenizer, routed, dense, importance, layers, calibrati
             sp = measure_speedups(model, models, timing_pool, **S["speed"]).set_index("setting")
         for m in METHODS:
             sweep.append({"method": m, "capacity": c, "dropped_layers": k if m == "static" else 0,
-                          "speedup": sp.loc[m, "speedup"], "generate_s": sp.loc[m, "generate_s"],
+                          **speedup_cells(sp.loc[m]), "generate_s": sp.loc[m, "generate_s"],
                           "skipped share (timing)": sp.loc[m, "skipped_share"]})
     del random_router
     sweep = pd.DataFrame(sweep)
