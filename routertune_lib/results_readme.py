@@ -417,14 +417,15 @@ def table_ablation_fidelity(r: Results) -> str:
     rows = []
     for x in df.to_dict("records"):
         row = {"setting": x["variant"] if x["rule"] == "baseline" else f"{x['variant']} · {x['rule']}",
-               "executed": num(x["executed"], 3), "mean KL": num(x["mean KL"], 3)}
+               "executed (gated layers)": num(x["executed"], 3),
+               "attention skipped (all layers)": num(x["skipped (all layers)"], 3), "mean KL": num(x["mean KL"], 3)}
         for label in ("static drop", "random router"):
             has = not pd.isna(x.get(f"minus {label}"))
             row[f"minus {label} [95% CI]"] = (ci(x[f"minus {label}"], x[f"{label} ci_low"], x[f"{label} ci_high"], 3)
                                               if has else "")
             row[f"vs {label}"] = x[f"vs {label}"] if has else ""
         rows.append(row)
-    return md(rows, right=("executed", "mean KL"))
+    return md(rows, right=("executed (gated layers)", "attention skipped (all layers)", "mean KL"))
 
 
 TABLES = {
