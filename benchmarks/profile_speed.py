@@ -106,8 +106,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    routed = [s for s in args.settings if s != "dense"]  # build only the targets and levels asked for
+    targets = sorted({s.split("_")[0].split(" ")[0] for s in routed} & set(speed_benchmark.TARGETS)) or ["attn"]
+    levels = sorted({s.split("_")[1].split(" ")[0] for s in routed if "_" in s} & set(speed_benchmark.LEVELS))
     bench = speed_benchmark.parse_args(["--smoke" if args.smoke else "--quick", "--static", "--masked",
-                                        "--capacity", str(args.capacity), "--models", args.model])
+                                        "--capacity", str(args.capacity), "--models", args.model,
+                                        "--targets", *targets, "--levels", *(levels or ["sequence"])])
     model = speed_benchmark.load(args.model, bench)
     T = 16 if args.smoke else args.prompt_len
     pool = prompt_pool(model.config.vocab_size, args.batch_size, T, seed=0)

@@ -47,9 +47,10 @@ TARGETS, LEVELS = ("attn", "mlp", "block"), ("sequence", "token")
 MOE = "random-olmoe"  # notebook 08's cpu setting
 MOE_ARGS = dict(num_layers=8, hidden_size=256, intermediate_size=768, num_experts=16, top_k=4)
 
-# Cost model of the runtime estimate, fitted to the dense rows of the committed 2-thread CPU run of this benchmark at
-# commit e9ed14d (results/speed/speed_smollm2-135m_cpu.json): prefill ~500 tokens/s of ~290 MFLOP each; decode
-# 0.051 s per step at batch 1 and 0.094 s at batch 8 = per-layer overhead + batch FLOPs / rate. About +-30%.
+# Cost model of the runtime estimate, fitted to the dense rows of a 2-thread CPU run of the benchmark at commit
+# e9ed14d: prefill ~500 tokens/s of ~290 MFLOP each; decode 0.051 s per step at batch 1 and 0.094 s at batch 8 =
+# per-layer overhead + batch FLOPs / rate. The --quick --static --masked --moe run committed in results/speed/ took
+# about 2.8 times its estimate: the estimate is for planning only.
 PREFILL_FLOP_S = 140e9
 DECODE_FLOP_S = 49e9
 DECODE_LAYER_S = 1.5e-3

@@ -89,12 +89,11 @@ def md(rows: list[dict], right: tuple[str, ...] = ()) -> str:
 NOTEBOOKS = ("00_quickstart", "01_granularity", "02_speed_accuracy", "03_generation_vs_attention_drop",
              "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora",
              "10_router_dynamics", "11_headline_fidelity", "12_router_ablation")
-BENCHMARKS = {"speed": "speed/speed_smollm2-135m_cpu.json",
+BENCHMARKS = {"speed": "speed/speed_quick_cpu.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
               "lm-eval agreement, MMLU 5-shot": "lm_eval_agreement/smollm2-135m_papershot_limit400.json",
               "lm-eval agreement, paper shots": "lm_eval_agreement/smollm2-135m_papershot_limit30.json"}
-SPEED_SETTINGS = {"routed-real": "routed, real", "routed-masked": "routed, masked", "static-drop": "static drop"}
 METHOD_NAMES = {"routers": "Router-Tuning", "lora": "LoRA", "full": "full fine-tuning"}
 MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 TASK_NAMES = {"boolq": "BoolQ", "rte": "RTE", "openbookqa": "OpenBookQA", "piqa": "PIQA", "mmlu": "MMLU",
@@ -120,15 +119,31 @@ def table_runs(r: Results) -> str:
     return md(rows, right=("wall time", "torch threads"))
 
 
+SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static --masked --moe --threads 2
+
+
+def _speed_ci(x: dict, col: str) -> str:
+    """``1.05x [1.02, 1.07]``: a speed-up column of the speed benchmark with its CI."""
+    if pd.isna(x[col]):
+        return ""
+    return f"{times(x[col], 3)} [{num(x[col + '_ci_low'], 3)}, {num(x[col + '_ci_high'], 3)}]"
+
+
+def _speed_verdict(x: dict) -> str:
+    """Whether the wall-clock speed-up is resolved: ``faster`` / ``slower`` when its CI excludes 1.0."""
+    return "faster" if x["speedup_ci_low"] > 1 else "slower" if x["speedup_ci_high"] < 1 else "unresolved"
+
+
 def table_speed(r: Results) -> str:
-    df = r.csv("results/speed/speed_smollm2-135m_cpu.csv")
-    rows = [{"batch": x.batch_size, "prompt": x.prompt_len, "setting": SPEED_SETTINGS[x.setting],
-             "skipped": num(x.skipped_share, 3), "end-to-end speed-up": times(x.speedup_e2e, 3),
-             "prefill": times(x.speedup_prefill, 3), "decode": times(x.speedup_decode, 3),
-             "KV cache": num(x.kv_ratio, 3), "vs static drop": num(x.vs_static, 3)}
-            for x in df.itertuples() if x.setting != "dense"]
-    return md(rows, right=("batch", "prompt", "skipped", "end-to-end speed-up", "prefill", "decode", "KV cache",
-                           "vs static drop"))
+    df = r.csv(f"{SPEED}.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "setting": x["setting"],
+             "skipped": num(x["skipped_share"], 3), "FLOPs": num(x["flop_fraction"], 3),
+             "end-to-end [95% CI]": _speed_ci(x, "speedup"), "vs dense": _speed_verdict(x),
+             "prefill": _speed_ci(x, "speedup_prefill"), "decode": _speed_ci(x, "speedup_decode"),
+             "CPU time": _speed_ci(x, "cpu_speedup"), "KV cache": num(x["kv_ratio"], 3),
+             "of static drop's": _speed_ci(x, "vs_static")}
+            for x in df.to_dict("records") if x["setting"] != "dense"]
+    return md(rows, right=("skipped", "FLOPs", "KV cache"))
 
 
 def table_training_cost(r: Results) -> str:
@@ -496,13 +511,6 @@ def _training_cost_capacity(r: Results) -> str:
             f"{num(row['capacity_held_out'], 3)} on another held-out set")
 
 
-def _dense_prefill(r: Results) -> str:
-    """Dense prefill tokens/s of the speed benchmark at batch 8 / 512 against batch 1 / 512."""
-    rel = "results/speed/speed_smollm2-135m_cpu.csv"
-    b8, b1 = (_cell(r, rel, "prefill_tok_s", setting="dense", batch_size=b, prompt_len=512) for b in (8, 1))
-    return f"{num(b8, 0)} tokens/s at batch 8 / 512 against {num(b1, 0)} at batch 1 / 512"
-
-
 def _sweep_against_paper(r: Results) -> str:
     """The capacities of 02 where a baseline's average is above the trained router's (the paper has it below)."""
     df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
@@ -559,7 +567,6 @@ VALUES = {
     "same-router-speedups": _same_router_speedups,
     "table6-full-capacity": _full_capacity_routers,
     "lora-steps": lambda r: _steps(r.json("results/09_lora/cpu/run.json")["tuning"]),
-    "speed-dense-prefill": _dense_prefill,
     "sweep-against-paper": _sweep_against_paper,
     "figure4": _figure4,
     "figure3-layers": _figure3_layers,

@@ -153,7 +153,7 @@ def figure(study: Study) -> None:
     """Left: each variant's per-layer executed share at threshold 0.5 (no calibration). Right: KL minus static drop
     with its 95% CI per setting (x), at the skipped share of all layers' attention in the label."""
     keep, fid = study.tables["layer_keep"], study.tables["fidelity"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw=dict(width_ratios=[1, 1.3]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw=dict(width_ratios=[1, 1.1], wspace=0.9))
     grid = keep.pivot(index="variant", columns="layer", values="executed share").loc[list(TRAININGS)]
     im = a.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     a.set_yticks(range(len(grid)), grid.index, fontsize=7)
