@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ..evaluation import PAPER_TASKS, task_prompts
-from ..experiments import accuracy_table, measure_speedups, profile_train_config, router_record, tuned_routers
+from ..experiments import (accuracy_table, measure_speedups, profile_train_config, router_record, speedup_cells,
+                           tuned_routers)
 from ..models import load_model
 from ..moe import (attach_expert_drop, expert_drop_plan, expert_router_config, expert_statistics, moe_layers,
                    normalised_load, real_vs_masked, tiny_random_moe)
@@ -108,8 +109,8 @@ def _table7_rows(results: dict, speed: pd.DataFrame, label: str, paper: dict, pa
     t = accuracy_table(results, baseline="dense")
     t.insert(0, "model", label)
     t["skipped share"] = 1 - t.executed
-    for col in ("speedup", "speedup_ci_low", "speedup_ci_high"):
-        t[col.replace("_ci", " ci")] = [speed.loc[s, col] for s in t.setting]
+    cells = pd.DataFrame([speedup_cells(speed.loc[s]) for s in t.setting], index=t.index)
+    t[list(cells.columns)] = cells
     t["generate_s"] = [speed.loc[s, "generate_s"] for s in t.setting]
     t["skipped share (timing)"] = [speed.loc[s, "skipped_share"] for s in t.setting]
     t["paper model"] = paper_model
