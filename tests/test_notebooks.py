@@ -30,8 +30,10 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
     if notebook == "01_granularity":
         return {"table2": 1 + len(granularity.GRANULARITIES), "table2_paper_llama3_8b": len(paper.PAPER_TABLE2)}
     if notebook == "02_speed_accuracy":
+        per_pair = len(speed_accuracy.METRICS) * (len(S["tasks"]) + 1)  # each metric per task and averaged
         return {"speed_accuracy": len(speed_accuracy.METHODS) * len(S["capacities"]), "figure2": 5,
-                "figure2_router_minus_drop": 2 * (len(S["tasks"]) + 1), "figure4_skip_ratio": len(run["routed_layers"])}
+                "router_minus_baselines": 2 * (len(S["capacities"]) - 1) * per_pair,
+                "figure2_router_minus_drop": 2 * per_pair, "figure4_skip_ratio": len(run["routed_layers"])}
     if notebook == "03_generation_vs_attention_drop":
         return {"figure3": 1 + 2 * len(generation.SKIPS), "figure3_router_minus_drop": len(generation.SKIPS)}
     if notebook == "04_training_cost":

@@ -27,10 +27,11 @@ from .reference import (
     mean_kl,
     perplexity,
     reference_outputs,
+    task_average,
 )
 from .generation import generate_until
 from .requests import FewshotSampler, build_requests, encode_pair, fewshot_sampler, task_prompts, tok_encode
-from .results import EvalResults, TaskResult, bootstrap_ci, choice_agreement, compare
+from .results import EvalResults, TaskResult, bootstrap_ci, choice_agreement, compare, task_average_ci
 from .scoring import (
     FORWARD_COST_TOKENS,
     RoutingStats,
@@ -58,6 +59,6 @@ __all__ = [
     "RoutingStats", "TaskResult", "all_layers_executed", "bootstrap_ci", "build_requests", "choice_agreement",
     "compare", "encode_pair", "evaluate", "fewshot_sampler", "fidelity", "generate_until", "get_task",
     "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint", "normalize_answer", "perplexity",
-    "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_docs",
-    "task_prompts", "tok_encode",
+    "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_average",
+    "task_average_ci", "task_docs", "task_prompts", "tok_encode",
 ]

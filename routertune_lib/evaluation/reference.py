@@ -28,7 +28,7 @@ from .. import data as _data
 from ..reporting import write_atomic
 from .evaluator import HARNESS_VERSION, choice_record, model_fingerprint, multiple_choice_requests, resolve_shots
 from .requests import model_max_length, pad_token_id, tok_encode
-from .results import bootstrap_ci
+from .results import bootstrap_ci, task_average_ci
 from .scoring import RoutingStats, loglikelihoods, model_device, right_pad
 from .tasks import MultipleChoiceTask, get_task
 
@@ -334,6 +334,34 @@ class FidelityResults:
         import pandas as pd
 
         return pd.DataFrame([r for t in self.tasks.values() for r in t["records"]])
+
+    def choice_frame(self):
+        """One row per multiple-choice doc (pandas), indexed by (task, doc_id): ``accuracy`` (1 if the model chose
+        the gold answer by the task's metric), ``ref_accuracy`` (the reference's), ``kl``, ``delta_loglik`` and
+        ``agreement``. Raises ``ValueError`` when the results hold no multiple-choice task."""
+        df = self.records_dataframe()
+        if "gold" not in df:
+            raise ValueError(f"choice_frame: no multiple-choice task among {list(self.tasks)}")
+        df = df[df.task != HELDOUT]
+        df = df.assign(accuracy=(df.chosen == df.gold).astype(float), ref_accuracy=(df.ref_chosen == df.gold).astype(float))
+        return df.set_index(["task", "doc_id"])[["accuracy", "ref_accuracy", "kl", "delta_loglik", "agreement"]]
+
+    @property
+    def routing(self) -> dict:
+        """Executed fractions over all tasks' passes (``RoutingStats.summary``; {} for a dense model)."""
+        total = RoutingStats()
+        for t in self.tasks.values():
+            total.merge(RoutingStats(t["routing"].get("counts", {})))
+        return total.summary()
+
+
+def task_average(frame, column: str, n_boot: int = 10000, seed: int = 0) -> dict:
+    """:func:`task_average_ci` of ``frame[column]`` grouped by the ``task`` index level (or column) of ``frame``, e.g.
+    a :meth:`FidelityResults.choice_frame` or the difference of two (paired by doc): the unweighted mean over tasks
+    with a bootstrap CI that resamples each task's docs."""
+    tasks = frame.index.get_level_values("task") if "task" in frame.index.names else frame["task"]
+    per_task = {t: frame[column].to_numpy()[tasks == t] for t in dict.fromkeys(tasks)}
+    return task_average_ci(per_task, n_boot, seed)
 
 
 def _per_token_mean(resampled: np.ndarray) -> np.ndarray:

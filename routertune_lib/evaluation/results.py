@@ -145,6 +145,32 @@ def bootstrap_ci(x, n_boot: int = 2000, seed: int = 0,
 # -- paired comparison ------------------------------------------------------------------------------------------
 
 
+def task_average_ci(per_task: dict[str, Sequence[float]], n_boot: int = 10000, seed: int | np.random.Generator = 0,
+                    level: float = 0.95) -> dict:
+    """The unweighted mean over tasks of each task's mean of ``per_task`` (``{task: [n_task] per-example values}``,
+    e.g. paired differences) with its percentile bootstrap CI at ``level``: each task resampled independently,
+    ``n_boot`` replicates drawn from ``seed`` (or a Generator) task by task in order.
+
+    Returns ``{"value", "ci_low", "ci_high", "n", "tasks": {task: {"value", "ci_low", "ci_high", "n"}}}``.
+    """
+    if not per_task or any(len(x) == 0 for x in per_task.values()):
+        raise ValueError(f"task_average_ci needs at least one example per task, got "
+                         f"{ {t: len(x) for t, x in per_task.items()} }")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    tail = 100 * (1 - level) / 2
+    boots, tasks = [], {}
+    for name, x in per_task.items():
+        x = np.asarray(x, dtype=float)
+        boot = bootstrap(x, n_boot, rng)
+        boots.append(boot)
+        tasks[name] = {"value": float(x.mean()), "ci_low": float(np.percentile(boot, tail)),
+                       "ci_high": float(np.percentile(boot, 100 - tail)), "n": len(x)}
+    avg = np.mean(boots, axis=0)
+    return {"value": float(np.mean([t["value"] for t in tasks.values()])), "ci_low": float(np.percentile(avg, tail)),
+            "ci_high": float(np.percentile(avg, 100 - tail)), "n": sum(t["n"] for t in tasks.values()),
+            "tasks": tasks}
+
+
 def _correct(rec: dict, metric: str) -> float:
     return rec[metric]
 
@@ -157,8 +183,7 @@ def compare(results_a: EvalResults, results_b: EvalResults, n_boot: int = 10000,
     both models, ``n_boot`` replicates), ``agreement`` = fraction of examples where both chose the same option;
     the average row bootstraps the unweighted mean of the task diffs (each task resampled independently).
     """
-    rng = np.random.default_rng(seed)
-    rows, boots = {}, []
+    rows, diffs = {}, {}
     for name in results_a.tasks:
         if name not in results_b.tasks:
             continue
@@ -168,22 +193,20 @@ def compare(results_a: EvalResults, results_b: EvalResults, n_boot: int = 10000,
         pairs = [(r, rb[r["doc_id"]]) for r in ta.records if r["doc_id"] in rb]
         if not pairs:
             continue
-        d = np.array([_correct(b, metric) - _correct(a, metric) for a, b in pairs])
-        boot = bootstrap(d, n_boot, rng)
-        boots.append(boot)
+        diffs[name] = [_correct(b, metric) - _correct(a, metric) for a, b in pairs]
         agree = [a.get("chosen", a.get("pred")) == b.get("chosen", b.get("pred")) for a, b in pairs]
         rows[name] = {
             "metric": metric, "n": len(pairs),
             "a": float(np.mean([_correct(a, metric) for a, _ in pairs])),
             "b": float(np.mean([_correct(b, metric) for _, b in pairs])),
-            "diff": float(d.mean()), "ci_low": float(np.percentile(boot, 2.5)),
-            "ci_high": float(np.percentile(boot, 97.5)), "agreement": float(np.mean(agree)),
+            "agreement": float(np.mean(agree)),
         }
     avg = {}
     if rows:
-        ab = np.mean(boots, axis=0)
-        avg = {"diff": float(np.mean([r["diff"] for r in rows.values()])), "ci_low": float(np.percentile(ab, 2.5)),
-               "ci_high": float(np.percentile(ab, 97.5)), "tasks": list(rows)}
+        ci = task_average_ci(diffs, n_boot, seed)
+        for name, t in ci["tasks"].items():
+            rows[name].update(diff=t["value"], ci_low=t["ci_low"], ci_high=t["ci_high"])
+        avg = {"diff": ci["value"], "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "tasks": list(rows)}
     return {"tasks": rows, "average": avg}
 
 

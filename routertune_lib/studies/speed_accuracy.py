@@ -11,34 +11,39 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..evaluation import PAPER_TASKS, compare, task_prompts
-from ..experiments import (accuracy_table, comparison_frame, conversation_batches, executed_fractions,
-                           load_base_model, measure_speedups, overall_skip, profile_train_config, randomize_routers,
-                           routed_copy, speedup_cells, tuned_routers)
+from ..evaluation import PAPER_TASKS, fidelity, reference_outputs, task_average, task_prompts
+from ..experiments import (conversation_batches, executed_fractions, load_base_model, measure_speedups,
+                           profile_train_config, randomize_routers, routed_copy, skipped_share, speedup_cells,
+                           tuned_routers)
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
-from ..plots import baseline, ci_yerr, save_figure
+from ..plots import baseline, save_figure
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
-from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, evaluate_setting, mindskip_config, resolved, shots_label,
-                       timing_pool)
+from .protocol import CALIB_MAX_LENGTH, Study, calibrate, mindskip_config, shots_label, timing_pool
 
 NAME = "02_speed_accuracy"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
     "smoke": dict(tasks=["piqa", "boolq"], shots=0, limit=8, capacities=[1.0, 0.5, 0.25], calib_per_layer=True,
-                  speed=dict(batch_size=2, prompt_len=16, num_prompts=2, new_tokens=4, repeats=1)),
-    "cpu": dict(tasks=["piqa", "arc_challenge", "openbookqa"], shots=0, limit=120, capacities=[1.0, 0.75, 0.5, 0.25],
-                calib_per_layer=False, speed=dict(batch_size=4, prompt_len=128, num_prompts=4, new_tokens=16,
-                                                  repeats=2)),
+                  n_boot=1000, speed=dict(batch_size=2, prompt_len=16, num_prompts=2, new_tokens=4, repeats=1)),
+    # cpu: the tasks SmolLM2-135M is clearly above chance on (results/task_selection); timing: 5 interleaved rounds
+    # of batch 8 x 256-token task prompts, 32 new tokens (benchmarks/speed.py times the paper's 512 / 64 workload)
+    "cpu": dict(tasks=["arc_easy", "piqa"], shots=0, limit=200, capacities=[1.0, 0.75, 0.5, 0.25],
+                calib_per_layer=True, n_boot=2000,
+                speed=dict(batch_size=8, prompt_len=256, num_prompts=8, new_tokens=32, repeats=5)),
     "paper": dict(tasks=list(PAPER_TASKS), shots=None, limit=None,
-                  capacities=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25], calib_per_layer=True,
-                  speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=3)),
+                  capacities=[1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25], calib_per_layer=True, n_boot=2000,
+                  speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=5)),
 }
 METHODS = {"router": "Router-Tuning", "random": "random router", "static": "static attention drop"}
 FIGURE2_CAPACITY = 0.5  # capacity 0.5 of half the layers = 25% overall skipping
+# per metric: the column of FidelityResults.choice_frame, its scale in the tables, and whether higher is better
+METRICS = {"accuracy": ("accuracy", 100.0, True), "kl": ("kl", 1.0, False)}
 
 
 def run(profile: str) -> Study:
-    """Tune (cached) attention and MLP routers, sweep the capacities, assemble Figures 2 and 4; writes the tables
-    ``speed_accuracy`` (one row per method x capacity), ``figure2``, ``figure2_router_minus_drop``,
+    """Tune (cached) attention and MLP routers, sweep the capacities, assemble Figures 2 and 4. Every setting is
+    scored in one pass against the dense model's cached outputs on the same documents (accuracy, and KL(dense ||
+    model) per document, paired). Writes the tables ``speed_accuracy`` (one row per method x capacity),
+    ``router_minus_baselines`` (paired, with verdicts), ``figure2``, ``figure2_router_minus_drop``,
     ``figure4_skip_ratio`` and ``run.json``."""
     study = Study.start(NAME, profile, SETTINGS)
     P, S = study.profile_settings, study.settings
@@ -61,34 +66,72 @@ def run(profile: str) -> Study:
     importance = module_importance(model, conversation_batches(calibration, tokenizer, CALIB_MAX_LENGTH,
                                                                device=model.device))
     layers = RouterConfig(num_layers=N // 2).resolve_layers(N)
-    dense = evaluate_setting(model, tokenizer, S)
+    reference = reference_outputs(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
+    score = lambda m: fidelity(m, tokenizer, reference, n_boot=S["n_boot"])
     print(f"{N} layers, routed {layers}")
     k = round(len(layers) * (1 - FIGURE2_CAPACITY))
     study.info.update(num_hidden_layers=N, routed_layers=layers, dropped_at_figure2=k)
 
     routed = load_routers(copy.deepcopy(model), paths["attn"])
-    evals = _sweep(study, model, tokenizer, routed, dense, importance, layers, calibration, pool)
-    _figure2(study, model, tokenizer, paths["mlp"], dense, evals, importance, layers, calibration)
+    scores = _sweep(study, model, tokenizer, routed, score, importance, layers, calibration, pool)
+    _figure2(study, model, tokenizer, paths["mlp"], score, scores, importance, layers, calibration)
     _figure4(study, routed, tokenizer, importance, layers, k, calibration, probe)
     study.finish(train_config=train_config.to_dict(), router_checkpoints={t: str(p) for t, p in paths.items()},
                  routed_layers=layers)
     return study
 
 
-def _sweep(study, model, tokenizer, routed, dense, importance, layers, calibration, timing_pool) -> dict:
-    """Router / random router / static drop at every capacity: accuracy (paired CI vs dense) and speed-up."""
+def score_row(fid, n_boot: int, num_hidden_layers: int) -> dict:
+    """A setting's fidelity pass as table cells: average accuracy over the tasks (%; ``avg``), its paired difference
+    to the dense model with a 95% CI (points; ``diff``, ``ci_low``, ``ci_high``), the mean KL(dense || model) per
+    document with its CI (``kl``...), choice agreement with dense (%), and the executed / skipped shares of the pass
+    (``fid=None``: the dense model itself)."""
+    if fid is None:
+        return {"avg": np.nan, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "kl": 0.0, "kl_ci_low": 0.0,
+                "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
+    docs = fid.choice_frame()
+    acc = task_average(docs.assign(d=docs.accuracy - docs.ref_accuracy), "d", n_boot)
+    kl = task_average(docs, "kl", n_boot)
+    return {"avg": 100 * task_average(docs, "accuracy", n_boot)["value"], "diff": 100 * acc["value"],
+            "ci_low": 100 * acc["ci_low"], "ci_high": 100 * acc["ci_high"], "kl": kl["value"],
+            "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
+            "agreement": 100 * task_average(docs, "agreement", n_boot)["value"],
+            "executed": fid.routing.get("overall", 1.0), "skipped share": skipped_share(fid.routing, num_hidden_layers)}
+
+
+def paired_rows(a, b, n_boot: int) -> list[dict]:
+    """``a`` minus ``b`` (two fidelity passes on the same documents) per metric of :data:`METRICS`, per task and
+    averaged over tasks: the paired difference with its 95% CI and a verdict on "``a`` is closer to dense than
+    ``b``" (``holds``: the CI says so, ``reversed``: the CI says the opposite, ``unresolved``)."""
+    d = a.choice_frame() - b.choice_frame()
+    if d.isna().any().any():
+        raise ValueError("paired_rows: the two passes scored different documents")
+    rows = []
+    for metric, (col, scale, higher_better) in METRICS.items():
+        ci = task_average(d, col, n_boot)
+        for task, c in [*ci["tasks"].items(), ("average", ci)]:
+            lo, hi = scale * c["ci_low"], scale * c["ci_high"]
+            better, worse = (lo > 0, hi < 0) if higher_better else (hi < 0, lo > 0)
+            rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
+                         "ci_high": hi, "verdict": "holds" if better else "reversed" if worse else "unresolved"})
+    return rows
+
+
+def _sweep(study, model, tokenizer, routed, score, importance, layers, calibration, timing_pool) -> dict:
+    """Router / random router / static drop at every capacity: fidelity passes (accuracy and KL, paired vs dense),
+    the router minus each baseline (paired), speed-up with its CI and executed FLOP fraction."""
     S, N = study.settings, study.info["num_hidden_layers"]
     random_router = attach_routers(copy.deepcopy(model), RouterConfig(target="attn", level="sequence",
                                                                       num_layers=N // 2))
     randomize_routers(random_router, seed=0)
-    evals, sweep = {}, []
+    scores, sweep, paired = {}, [], []
     for c in S["capacities"]:
         k = round(len(layers) * (1 - c))
         if c == 1.0 or k == 0:
             for m in METHODS:
-                evals[m, c] = dense
-                sweep.append({"method": m, "capacity": c, "dropped_layers": 0, **speedup_cells(None), "generate_s": None,
-                              "skipped share (timing)": 0.0})
+                scores[m, c] = None
+                sweep.append({"method": m, "capacity": c, "dropped_layers": 0, **speedup_cells(None),
+                              "flop_fraction": 1.0, "generate_s": None, "skipped share (timing)": 0.0})
             continue
         calibrate(routed, calibration, c, S["calib_per_layer"], tokenizer)
         calibrate(random_router, calibration, c, S["calib_per_layer"], tokenizer)
@@ -97,48 +140,55 @@ def _sweep(study, model, tokenizer, routed, dense, importance, layers, calibrati
             attach_static_drop(static, "attn", dropped)
             models = {"router": routed, "random": random_router, "static": static}
             for m, mod in models.items():
-                evals[m, c] = evaluate_setting(mod, tokenizer, S)
+                scores[m, c] = score(mod)
             sp = measure_speedups(model, models, timing_pool, **S["speed"]).set_index("setting")
         for m in METHODS:
             sweep.append({"method": m, "capacity": c, "dropped_layers": k if m == "static" else 0,
-                          **speedup_cells(sp.loc[m]), "generate_s": sp.loc[m, "generate_s"],
-                          "skipped share (timing)": sp.loc[m, "skipped_share"]})
+                          **speedup_cells(sp.loc[m]), "flop_fraction": sp.loc[m, "flop_fraction"],
+                          "generate_s": sp.loc[m, "generate_s"], "skipped share (timing)": sp.loc[m, "skipped_share"]})
+        for base in ("static", "random"):
+            paired += [{"capacity": c, "router minus": METHODS[base], **r}
+                       for r in paired_rows(scores["router", c], scores[base, c], S["n_boot"])]
     del random_router
-    sweep = pd.DataFrame(sweep)
-    for col, f in [("skipped share", lambda e: overall_skip(e, N)),
-                   ("executed", lambda e: e.routing.get("overall", 1.0))]:
-        sweep[col] = [f(evals[m, c]) for m, c in zip(sweep.method, sweep.capacity)]
-    acc = []
-    for m, c in zip(sweep.method, sweep.capacity):
-        e = evals[m, c]
-        d = compare(dense, e)["average"] if e is not dense else {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
-        acc.append({"avg": 100 * np.mean([e.tasks[t].score for t in S["tasks"]]), "diff": 100 * d["diff"],
-                    "ci_low": 100 * d["ci_low"], "ci_high": 100 * d["ci_high"]})
-    sweep = study.table("speed_accuracy", pd.concat([sweep, pd.DataFrame(acc)], axis=1))
+    cells = pd.DataFrame([score_row(scores[m, c], S["n_boot"], N) for m, c in zip(
+        (r["method"] for r in sweep), (r["capacity"] for r in sweep))])
+    some = next(f for f in scores.values() if f is not None)
+    cells.loc[cells.avg.isna(), "avg"] = 100 * task_average(some.choice_frame(), "ref_accuracy")["value"]
+    sweep = study.table("speed_accuracy", pd.concat([pd.DataFrame(sweep), cells], axis=1))
+    study.table("router_minus_baselines", pd.DataFrame(paired))
     w = (sweep.ci_high - sweep.ci_low)[sweep.capacity < 1]
-    print(f"n per task {dense.tasks[S['tasks'][0]].n}; 95% CI width of the average difference "
-          f"{w.min():.1f}..{w.max():.1f}")
-    return evals
+    wk = (sweep.kl_ci_high - sweep.kl_ci_low)[sweep.capacity < 1]
+    print(f"n per task {S['limit']}; 95% CI width of the accuracy difference {w.min():.1f}..{w.max():.1f} points, "
+          f"of the KL {wk.min():.3f}..{wk.max():.3f} nats")
+    return scores
 
 
-def _figure2(study, model, tokenizer, mlp_path, dense, evals, importance, layers, calibration) -> None:
-    """Router vs Layer Drop, attention and MLP, at capacity 0.5 of the routed layers."""
+def _figure2(study, model, tokenizer, mlp_path, score, scores, importance, layers, calibration) -> None:
+    """Router vs Layer Drop, attention and MLP, at capacity 0.5 of the routed layers (paired, accuracy and KL)."""
     S, N, k = study.settings, study.info["num_hidden_layers"], study.info["dropped_at_figure2"]
-    fig2 = {"attn_layerdrop": evals["static", FIGURE2_CAPACITY], "attn_router": evals["router", FIGURE2_CAPACITY]}
+    fig2 = {"attn_layerdrop": scores["static", FIGURE2_CAPACITY], "attn_router": scores["router", FIGURE2_CAPACITY]}
     with routed_copy(model, mlp_path) as mlp_router:
         calibrate(mlp_router, calibration, FIGURE2_CAPACITY, S["calib_per_layer"], tokenizer)
-        fig2["mlp_router"] = evaluate_setting(mlp_router, tokenizer, S)
+        fig2["mlp_router"] = score(mlp_router)
     with routed_copy(model) as mlp_drop:
         attach_static_drop(mlp_drop, "mlp", least_important(importance["mlp"], k, candidates=layers))
-        fig2["mlp_layerdrop"] = evaluate_setting(mlp_drop, tokenizer, S)
+        fig2["mlp_layerdrop"] = score(mlp_drop)
     fig2 = {n: fig2[n] for n in ("mlp_layerdrop", "mlp_router", "attn_layerdrop", "attn_router")}
-    f2 = accuracy_table({"dense": dense, **fig2}, baseline="dense")
-    f2["skipped share"] = [0.0] + [overall_skip(e, N) for e in fig2.values()]
+    ref = fig2["attn_router"].choice_frame()
+    rows = [{"setting": "dense", **{t: 100 * g.ref_accuracy.mean() for t, g in ref.groupby("task", sort=False)},
+             **score_row(None, S["n_boot"], N)}]
+    rows[0]["avg"] = 100 * task_average(ref, "ref_accuracy")["value"]
+    for name, fid in fig2.items():
+        docs = fid.choice_frame()
+        rows.append({"setting": name, **{t: 100 * g.accuracy.mean() for t, g in docs.groupby("task", sort=False)},
+                     **score_row(fid, S["n_boot"], N)})
+    f2 = pd.DataFrame(rows)
     for t in S["tasks"]:
         f2[f"{t} (paper)"] = [None] + [PAPER_FIGURE2[n].get(t) for n in fig2]
-    pairs = {tg: comparison_frame(compare(fig2[f"{tg}_layerdrop"], fig2[f"{tg}_router"])) for tg in ("attn", "mlp")}
     study.table("figure2", f2)
-    study.table("figure2_router_minus_drop", pd.concat([p.assign(target=tg) for tg, p in pairs.items()]))
+    study.table("figure2_router_minus_drop", pd.DataFrame(
+        [{"target": tg, **r} for tg in ("attn", "mlp")
+         for r in paired_rows(fig2[f"{tg}_router"], fig2[f"{tg}_layerdrop"], S["n_boot"])]))
 
 
 def _figure4(study, routed, tokenizer, importance, layers, k, calibration, probe) -> None:
@@ -158,38 +208,59 @@ def _figure4(study, routed, tokenizer, importance, layers, k, calibration, probe
 
 
 def plot_sweep(study: Study):
-    """Accuracy (paired 95% CI vs dense) against measured speed-up, one line per method; saves speed_accuracy.png."""
+    """A 2 x 2 grid, one line per method: accuracy (top, paired 95% CI vs dense) and KL(dense || model) (bottom, 95%
+    CI) against the measured speed-up (left, with its CI) and the executed FLOP fraction (right, deterministic);
+    saves speed_accuracy.png."""
     sweep = study.tables["speed_accuracy"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharey="row")
     for (m, label), marker in zip(METHODS.items(), "os^"):
         g = sweep[sweep.method == m].sort_values("capacity", ascending=False)
-        ax.errorbar(g.speedup, g.avg, yerr=ci_yerr(g), marker=marker, capsize=3, label=label)
-        for _, r in g[g.capacity < 1].iterrows():
-            ax.annotate(f"{r.capacity:g}", (r.speedup, r.avg), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([1.0], [_dense_avg(sweep)], s=120, marker="*", color="black", zorder=5, label="dense")
-    ax.set_xlabel("end-to-end generation speed-up over dense (x, real skipping)")
-    ax.set_ylabel(f"average accuracy (%), {len(study.settings['tasks'])} tasks")
-    ax.set_title(f"Speed vs accuracy ({study.model_label}, {study.profile}); labels: capacity")
-    ax.legend(fontsize=8)
+        xerr = [g.speedup - g["speedup ci_low"], g["speedup ci_high"] - g.speedup]
+        for row, (y, lo, hi) in enumerate([("avg", "ci_low", "ci_high"), ("kl", "kl_ci_low", "kl_ci_high")]):
+            yv = g[y] if y == "kl" else g.avg
+            yerr = [g[y] - g[lo], g[hi] - g[y]] if y == "kl" else [g["diff"] - g[lo], g[hi] - g["diff"]]
+            for col, (x, xe) in enumerate([(g.speedup, xerr), (g.flop_fraction, None)]):
+                ax = axes[row][col]
+                ax.errorbar(x, yv, xerr=xe, yerr=yerr, marker=marker, capsize=3, label=label)
+                for xi, yi, c in zip(x, yv, g.capacity):
+                    if c < 1:
+                        ax.annotate(f"{c:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axes[0][0].set_ylabel(f"average accuracy (%), {len(study.settings['tasks'])} tasks\n(error bar: paired 95% CI "
+                          "of the difference to dense)")
+    axes[1][0].set_ylabel("KL(dense || model), nats / token\n(mean per document, 95% CI)")
+    for row in axes:
+        row[0].set_xlabel("end-to-end generation speed-up over dense (x, real skipping, 95% CI)")
+        row[1].set_xlabel("executed FLOP fraction of the timed generation")
+        row[1].invert_xaxis()
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Speed vs accuracy and fidelity ({study.model_label}, {study.profile}); labels: capacity")
+    fig.tight_layout()
     save_figure(fig, study.out_dir, "speed_accuracy")
     return fig
 
 
 def plot_figure2(study: Study):
-    """Per-task accuracy of Router-Tuning and Layer Drop (attention, MLP) with dense; saves figure2.png."""
+    """Per-task accuracy of Router-Tuning and Layer Drop (attention, MLP) with dense (left), and KL(dense || model)
+    with its 95% CI per setting (right); saves figure2.png."""
     f2, tasks = study.tables["figure2"], study.settings["tasks"]
     N, k = study.info["num_hidden_layers"], study.info["dropped_at_figure2"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, (ax, axk) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     x = np.arange(len(tasks))
-    settings = [s for s in f2.setting if s != "dense"]
-    for i, n in enumerate(settings):
-        ax.bar(x + (i - 1.5) * 0.2, [f2.loc[f2.setting == n, t].item() for t in tasks], 0.2, label=n)
+    settings = f2[f2.setting != "dense"]
+    for i, (_, r) in enumerate(settings.iterrows()):
+        ax.bar(x + (i - 1.5) * 0.2, [r[t] for t in tasks], 0.2, label=r.setting)
     ax.scatter(x, [f2.loc[0, t] for t in tasks], marker="_", s=600, color="black", label="dense", zorder=5)
     ax.set_xticks(x, tasks)
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"Figure 2: {k} of {N} layers' worth skipped (~{100 * k / N:.0f}% of attention / MLP work)")
     ax.legend(fontsize=8, ncol=3)
+    y = np.arange(len(settings))
+    axk.errorbar(settings.kl, y, xerr=[settings.kl - settings.kl_ci_low, settings.kl_ci_high - settings.kl],
+                 fmt="o", capsize=3)
+    axk.set_yticks(y, settings.setting)
+    axk.set_xlabel("KL(dense || model), nats / token (95% CI)")
+    fig.suptitle(f"Figure 2: {k} of {N} layers' worth skipped (~{100 * k / N:.0f}% of attention / MLP work)")
+    fig.tight_layout()
     save_figure(fig, study.out_dir, "figure2")
     return fig
 
@@ -212,30 +283,31 @@ def plot_figure4(study: Study):
     return fig
 
 
-def _dense_avg(sweep: pd.DataFrame) -> float:
-    return sweep[(sweep.method == "router") & (sweep.capacity == 1.0)].avg.iloc[0]
-
-
 def verdict(study: Study) -> str:
-    """What holds at this scale: the sweep, Figure 2's router − drop per target, Figure 4's skip ratios."""
-    sweep, S = study.tables["speed_accuracy"], study.settings
-    pts = sweep[sweep.capacity < 1].pivot(index="capacity", columns="method", values="avg")
-    spd = sweep[sweep.capacity < 1].pivot(index="capacity", columns="method", values="speedup")
-    c = FIGURE2_CAPACITY
-    lines = [f"Sweep ({study.model_label}, {study.profile}, tasks {S['tasks']}): the tuned router is more accurate "
-             f"than static attention drop at {int((pts.router > pts.static).sum())} of {len(pts)} capacities and than "
-             f"random routing at {int((pts.router > pts.random).sum())} of {len(pts)}; at capacity {c}: router "
-             f"{pts.router[c]:.1f}% ({spd.router[c]:.2f}x), static drop {pts.static[c]:.1f}% ({spd.static[c]:.2f}x), "
-             f"random {pts.random[c]:.1f}% ({spd.random[c]:.2f}x), dense {_dense_avg(sweep):.1f}%."]
+    """What holds at this scale: the router minus each baseline per capacity, Figure 2's router minus drop per
+    target, Figure 4's skip ratios (all paired 95% CIs)."""
+    S, p, c = study.settings, study.tables["router_minus_baselines"], FIGURE2_CAPACITY
+    p = p[p.task == "average"]
+    fmt = lambda r, d: f"{r['diff']:+.{d}f} [{r.ci_low:+.{d}f}, {r.ci_high:+.{d}f}] ({r.verdict})"
+    lines = [f"Sweep ({study.model_label}, {study.profile}, tasks {S['tasks']}, {shots_label(S)}, {S['limit']} docs "
+             "each); router closer to dense than the baseline, accuracy (points) and KL (nats):"]
+    for (cap, base), g in p.groupby(["capacity", "router minus"], sort=False):
+        g = g.set_index("metric")
+        lines.append(f"  capacity {cap:g}, router minus {base}: accuracy {fmt(g.loc['accuracy'], 1)}, "
+                     f"KL {fmt(g.loc['kl'], 3)}")
+    sweep = study.tables["speed_accuracy"]
+    at = sweep[sweep.capacity == c].set_index("method")
+    lines.append(f"At capacity {c}: " + "; ".join(
+        f"{METHODS[m]} {at.avg[m]:.1f}% ({at.speedup[m]:.2f}x [{at['speedup ci_low'][m]:.2f}, "
+        f"{at['speedup ci_high'][m]:.2f}], FLOP fraction {at.flop_fraction[m]:.3f})" for m in METHODS)
+        + f"; dense {sweep[sweep.capacity == 1.0].avg.iloc[0]:.1f}%.")
     pairs = study.tables["figure2_router_minus_drop"]
     for tg in ("attn", "mlp"):
-        a = pairs[pairs.target == tg].set_index("task").loc["average"]
+        a = pairs[(pairs.target == tg) & (pairs.task == "average")].set_index("metric")
         paper = np.mean([PAPER_FIGURE2[f"{tg}_router"][t] - PAPER_FIGURE2[f"{tg}_layerdrop"][t]
                          for t in PAPER_FIGURE2[f"{tg}_router"]])
-        lines.append(f"Figure 2, {tg}: Router-Tuning − Layer Drop = {a['diff']:+.1f} [{a.ci_low:+.1f}, "
-                     f"{a.ci_high:+.1f}] points on average "
-                     f"({'significant' if resolved(a.ci_low, a.ci_high) else 'not significant'} at 95%); paper "
-                     f"(Llama-3-8B, ARC-C/MMLU/OBQA/RTE): {paper:+.1f}.")
+        lines.append(f"Figure 2, {tg}: Router-Tuning minus Layer Drop: accuracy {fmt(a.loc['accuracy'], 1)}, "
+                     f"KL {fmt(a.loc['kl'], 3)}; paper (Llama-3-8B, ARC-C/MMLU/OBQA/RTE): {paper:+.1f} points.")
     r = study.tables["figure4_skip_ratio"]["router (global threshold, capacity 0.5)"]
     lines.append(f"Figure 4: with one global threshold the routed layers skip {r.min():.0%}–{r.max():.0%} of "
                  f"sequences (mean {r.mean():.0%}; {int((r > 0).sum())} of {len(r)} layers skip some, "
