@@ -9,7 +9,9 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
   sliding window, MoE routing and depth -- notebooks route ``N // 2`` or the paper's layer counts --; width 64, 8
   experts; the stand-in tokenizer) and loads that directory through the real
   ``load_model`` in bfloat16, the dtype ``load_model`` picks on a bf16 GPU (device placement: ``load_model``'s own);
-* evaluation: ``evaluate`` runs the paper's tasks and shots on :data:`CHECK_DOCS` docs per task;
+* evaluation: ``evaluate`` and ``reference_outputs`` (then each ``fidelity`` pass) run the paper's tasks and shots on
+  :data:`CHECK_DOCS` docs per task, and ``reference_outputs`` / ``dynamics.document_kl`` on :data:`CHECK_DOCS`
+  held-out texts (at the paper's lengths);
 * router tuning: ``train_routers`` runs one optimizer step of one micro batch (the paper's ``micro_batch``,
   ``max_length``, learning rate, bf16 autocast); ``training_cost.measure_method`` runs in the kernel with one step;
 * timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once.
@@ -22,7 +24,7 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
   gradients), full fine-tuning ``6 * N * tokens``; at ``GPU["mfu"]`` of the bf16 peak.
 * decode steps (generation, timing) are memory bound: ``weights bytes / HBM bandwidth`` per step.
 * tokens: evaluation = docs (the full eval split) x the mean tokens of 32 of the task's 0-shot prompts (stand-in
-  tokenizer) x (1 + shots) + generated tokens; tuning = conversations x epochs x mean conversation tokens
+  tokenizer) x (1 + shots) + generated tokens, + held-out texts x their maximum length (an upper bound); tuning = conversations x epochs x mean conversation tokens
   (chat template, capped at ``max_length``).
 * memory: bf16 weights (2 bytes/parameter) + the largest of: the KV cache of a timing batch (batch x (prompt + new
   tokens) x KV bytes/token), router-tuning activations (micro batch x longest conversation x layers x
@@ -75,12 +77,13 @@ def install(record: str, models_dir: str | None = None) -> None:
 
     for info in pkgutil.walk_packages(routertune_lib.__path__, "routertune_lib."):  # every copy of a name is patched
         importlib.import_module(info.name)
-    from . import evaluation, models, speed, training, training_cost
+    from . import dynamics, evaluation, models, speed, training, training_cost
     from .data import cache_dir
     from .model_configs import PAPER_CONFIGS, full_config, save_shrunk
 
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
     load_model, evaluate = models.load_model, evaluation.evaluate
+    reference_outputs, fidelity, document_kl = evaluation.reference_outputs, evaluation.fidelity, dynamics.document_kl
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
@@ -102,6 +105,25 @@ def install(record: str, models_dir: str | None = None) -> None:
         _record(record, kind="eval", model=_name(model), tasks=tasks, shots=num_fewshot, limit=limit,
                 batch_size=kw.get("batch_size", 16))
         return evaluate(model, tokenizer, tasks, num_fewshot, min(limit or CHECK_DOCS, CHECK_DOCS), *args, **kw)
+
+    def check_reference_outputs(model, tokenizer, tasks=(), texts=None, *, num_fewshot=None, limit=None, **kw):
+        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+        workload = dict(kind="eval", tasks=tasks, shots=num_fewshot, limit=limit, batch_size=kw.get("batch_size", 16),
+                        texts=len(texts or ()), text_tokens=kw.get("text_max_length", 512))
+        _record(record, model=_name(model), **workload)
+        ref = reference_outputs(model, tokenizer, tasks, None if texts is None else list(texts)[:CHECK_DOCS],
+                                num_fewshot=num_fewshot, limit=min(limit or CHECK_DOCS, CHECK_DOCS), **kw)
+        ref.config["paper_workload"] = workload  # each fidelity pass on it costs the same
+        return ref
+
+    def check_fidelity(model, tokenizer, ref, **kw):
+        _record(record, model=_name(model), **ref.config["paper_workload"])
+        return fidelity(model, tokenizer, ref, **kw)
+
+    def check_document_kl(dense, models_, tokenizer, texts, max_length=2048, batch_size=8):
+        _record(record, kind="eval", model=_name(dense), tasks=[], shots=0, limit=None, batch_size=batch_size,
+                texts=len(texts) * (1 + len(models_)), text_tokens=max_length)
+        return document_kl(dense, models_, tokenizer, list(texts)[:CHECK_DOCS], max_length, batch_size)
 
     def check_train_routers(model, tokenizer, dataset, router_config, train_config, **kw):
         micro = train_config.micro_batch_size
@@ -132,7 +154,8 @@ def install(record: str, models_dir: str | None = None) -> None:
 
     for original, patched in ((load_model, check_load_model), (evaluate, check_evaluate),
                               (train_routers, check_train_routers), (compare_settings, check_compare_settings),
-                              (measure_method, check_measure_method)):
+                              (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
+                              (fidelity, check_fidelity), (document_kl, check_document_kl)):
         _replace_everywhere(original, patched)
 
 
@@ -290,6 +313,7 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
                 spec = get_task(task)
                 if spec.output_type == "generate_until":
                     seconds += math.ceil(n / r["batch_size"]) * spec.max_new_tokens * step_s
+            seconds += 2 * body * r.get("texts", 0) * r.get("text_tokens", 0) / flops_per_s  # held-out texts
         elif r["kind"] in ("tune", "cost"):
             mean, longest = tokens.conversations("offline-mix", r["max_length"])
             if r["kind"] == "tune":

@@ -18,8 +18,10 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from .paper import PAPER_FIGURE2
 from .reporting import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,6 +223,11 @@ def _diff(x: dict, dense: bool) -> dict:
 TASK_RIGHT = ("PIQA", "ARC-C", "OBQA", "avg")
 
 
+def _kl(x: dict, dense: bool) -> str:
+    """``0.123 [0.110, 0.136]``: a row's KL to dense with its 95% CI (``0`` for dense)."""
+    return "0" if dense else f"{num(x['kl'], 3)} [{num(x['kl_ci_low'], 3)}, {num(x['kl_ci_high'], 3)}]"
+
+
 def table_table2(r: Results) -> str:
     df = r.csv("results/01_granularity/cpu/table2.csv")
     rows = [{"setting": x["setting"], "speed-up (paper)": f"{num(x['speedup'], 2)} ({num(x['speedup (paper)'], 2)})",
@@ -231,32 +238,57 @@ def table_table2(r: Results) -> str:
     return md(rows, right=(*TASK_RIGHT, "paper diff (same tasks)", "executed", "skipped while timed"))
 
 
+def _speedup_ci(x: dict) -> str:
+    """``1.07x [1.05, 1.09]``: a study row's speed-up (``speedup`` and ``speedup ci_low/high`` columns) with its CI."""
+    return f"{times(x['speedup'])} [{num(x['speedup ci_low'], 2)}, {num(x['speedup ci_high'], 2)}]"
+
+
 def table_speed_accuracy(r: Results) -> str:
     df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
     rows = []
-    for cap, g in df.groupby("capacity", sort=False):
-        by = {x["method"]: x for x in g.to_dict("records")}
-        cell = {m: num(x["avg"]) if cap == 1.0 else f"{num(x['avg'])}, {ci(x['diff'], x['ci_low'], x['ci_high'])} "
-                f"({times(x['speedup'])}; skipped {num(x['skipped share'], 2)})"
-                for m, x in ((m, by[m]) for m in ("router", "static", "random"))}
-        rows.append({"capacity": "1.0 (dense)" if cap == 1.0 else num(cap, 2), "Router-Tuning": cell["router"],
-                     "static attention drop": cell["static"], "random router": cell["random"]})
+    for x in df.to_dict("records"):
+        if x["capacity"] == 1.0 and x["method"] != "router":
+            continue
+        dense = x["capacity"] == 1.0
+        rows.append({"capacity": "1.0 (dense)" if dense else num(x["capacity"], 2),
+                     "method": "dense" if dense else x["method"], "accuracy": num(x["avg"]),
+                     "vs dense [95% CI]": "" if dense else ci(x["diff"], x["ci_low"], x["ci_high"]),
+                     "KL to dense [95% CI]": _kl(x, dense),
+                     "agreement": num(x["agreement"]), "speed-up [95% CI]": _speedup_ci(x),
+                     "FLOP fraction": num(x["flop_fraction"], 3), "attention skipped": num(x["skipped share"], 3)})
+    return md(rows, right=("capacity", "accuracy", "agreement", "FLOP fraction", "attention skipped"))
+
+
+def table_router_minus_baselines(r: Results) -> str:
+    df = r.csv("results/02_speed_accuracy/cpu/router_minus_baselines.csv")
+    df = df[df.task == "average"]
+    rows = []
+    for (cap, base), g in df.groupby(["capacity", "router minus"], sort=False):
+        g = g.set_index("metric")
+        a, k = g.loc["accuracy"], g.loc["kl"]
+        rows.append({"capacity": num(cap, 2), "router minus": base,
+                     "accuracy [95% CI]": ci(a["diff"], a["ci_low"], a["ci_high"]), "accuracy verdict": a["verdict"],
+                     "KL [95% CI]": ci(k["diff"], k["ci_low"], k["ci_high"], 3), "KL verdict": k["verdict"]})
     return md(rows, right=("capacity",))
 
 
 def table_figure2(r: Results) -> str:
     df = r.csv("results/02_speed_accuracy/cpu/figure2_router_minus_drop.csv")
-    paper = r.csv("results/02_speed_accuracy/cpu/figure2.csv").set_index("setting")
+    f2 = r.csv("results/02_speed_accuracy/cpu/figure2.csv").set_index("setting")
     rows = []
-    for x in df[df.task == "average"].to_dict("records"):
-        t = x["target"]
-        paper_diff = (paper.loc[f"{t}_router", ["arc_challenge (paper)", "openbookqa (paper)"]].mean()
-                      - paper.loc[f"{t}_layerdrop", ["arc_challenge (paper)", "openbookqa (paper)"]].mean())
-        rows.append({"target": t, "Layer Drop avg": num(x["a"]), "Router-Tuning avg": num(x["b"]),
-                     "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-                     "verdict": verdict(x["ci_low"], x["ci_high"]),
-                     "paper, same tasks (ARC-C, OBQA)": num(paper_diff, 1, True)})
-    return md(rows, right=("Layer Drop avg", "Router-Tuning avg", "paper, same tasks (ARC-C, OBQA)"))
+    for t, g in df[df.task == "average"].groupby("target", sort=False):
+        g = g.set_index("metric")
+        a, k = g.loc["accuracy"], g.loc["kl"]
+        drop, router = f2.loc[f"{t}_layerdrop"], f2.loc[f"{t}_router"]
+        rows.append({"target": t, "Layer Drop avg (KL)": f"{num(drop.avg)} ({num(drop.kl, 3)})",
+                     "Router-Tuning avg (KL)": f"{num(router.avg)} ({num(router.kl, 3)})",
+                     "router minus drop, accuracy [95% CI]": ci(a["diff"], a["ci_low"], a["ci_high"]),
+                     "verdict": a["verdict"], "router minus drop, KL [95% CI]": ci(k["diff"], k["ci_low"], k["ci_high"], 3),
+                     "KL verdict": k["verdict"],
+                     "paper (ARC-C, MMLU, OBQA, RTE)": num(
+                         np.mean([PAPER_FIGURE2[f"{t}_router"][x] - PAPER_FIGURE2[f"{t}_layerdrop"][x]
+                                  for x in PAPER_FIGURE2[f"{t}_router"]]), 1, True)})
+    return md(rows, right=("Layer Drop avg (KL)", "Router-Tuning avg (KL)", "paper (ARC-C, MMLU, OBQA, RTE)"))
 
 
 def table_figure3(r: Results) -> str:
@@ -446,7 +478,8 @@ TABLES = {
     "runs": table_runs, "speed": table_speed, "training-cost": table_training_cost,
     "lm-eval-agreement": table_lm_eval_agreement, "quickstart-accuracy": table_quickstart_accuracy,
     "quickstart-generation": table_quickstart_generation, "table2": table_table2,
-    "speed-accuracy": table_speed_accuracy, "figure2": table_figure2, "figure3": table_figure3,
+    "speed-accuracy": table_speed_accuracy, "router-minus-baselines": table_router_minus_baselines,
+    "figure2": table_figure2, "figure3": table_figure3,
     "figure3-router-minus-drop": table_figure3_router_minus_drop, "table4": table_table4,
     "num-layers": table_num_layers, "half-vs-max": table_half_vs_max, "table5": table_table5,
     "table5-tasks": table_table5_tasks, "table6": table_table6, "table7": table_table7,
@@ -510,19 +543,6 @@ def _training_cost_capacity(r: Results) -> str:
             f"{num(row['capacity_held_out'], 3)} on another held-out set")
 
 
-def _sweep_against_paper(r: Results) -> str:
-    """The capacities of 02 where a baseline's average is above the trained router's (the paper has it below)."""
-    df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
-    names = {"static": "static drop", "random": "the random router"}
-    found = []
-    for base, name in names.items():
-        caps = [num(c, 2) for c, g in df[df.capacity < 1].groupby("capacity", sort=False)
-                if g.set_index("method").avg[base] > g.set_index("method").avg["router"]]
-        if caps:
-            found.append(f"{name} at capacity {' and '.join(caps)}")
-    return "; ".join(found) or "nowhere"
-
-
 def _figure4(r: Results) -> str:
     """Per-layer skip ratios of 02's attention router at one global threshold (capacity 0.5) and of Layer Drop."""
     df = r.csv("results/02_speed_accuracy/cpu/figure4_skip_ratio.csv")
@@ -566,7 +586,6 @@ VALUES = {
     "same-router-speedups": _same_router_speedups,
     "table6-full-capacity": _full_capacity_routers,
     "lora-steps": lambda r: _steps(r.json("results/09_lora/cpu/run.json")["tuning"]),
-    "sweep-against-paper": _sweep_against_paper,
     "figure4": _figure4,
     "figure3-layers": _figure3_layers,
     "moe-max-load": _moe_max_load,

@@ -128,3 +128,29 @@ def test_bootstrap_ci_contains_the_value_and_shrinks_with_n():
     assert ev.bootstrap_ci(x, seed=1) != ev.bootstrap_ci(x, seed=2) and ev.bootstrap_ci(x) == ev.bootstrap_ci(x)
     with pytest.raises(ValueError, match="got 0 examples"):
         ev.bootstrap_ci([])
+
+
+def test_choice_frame_accuracy_and_task_average_match_evaluate_and_compare(fake_data):
+    """One fidelity pass gives each model's accuracy (as evaluate() scores it) and the paired accuracy difference
+    to the reference with compare()'s CI; paired_rows of two passes gives their difference and a verdict."""
+    from routertune_lib.studies.protocol import paired_rows
+
+    model, tok = tiny_model(), char_tokenizer()
+    other = perturbed(model, scale=0.5)
+    tasks = ["piqa", "winogrande"]
+    ref = ev.reference_outputs(model, tok, tasks, num_fewshot=0, limit=12, batch_size=4, topk=8, cache=False)
+    fid = ev.fidelity(other, tok, ref)
+    docs = fid.choice_frame()
+    a = ev.evaluate(model, tok, tasks, num_fewshot=0, limit=12, cache=False)
+    b = ev.evaluate(other, tok, tasks, num_fewshot=0, limit=12, cache=False)
+    for name in tasks:
+        assert docs.accuracy[name].mean() == pytest.approx(b.tasks[name].score)
+        assert docs.ref_accuracy[name].mean() == pytest.approx(a.tasks[name].score)
+    got = ev.task_average(docs.assign(d=docs.accuracy - docs.ref_accuracy), "d", n_boot=2000)
+    want = ev.compare(a, b, n_boot=2000)["average"]
+    assert (got["value"], got["ci_low"], got["ci_high"]) == pytest.approx((want["diff"], want["ci_low"], want["ci_high"]))
+    assert fid.routing == {}  # a model without routers
+    rows = {(r["task"], r["metric"]): r for r in paired_rows(fid, ev.fidelity(model, tok, ref), n_boot=1000)}
+    kl = rows["average", "kl"]
+    assert kl["diff"] == pytest.approx(docs.kl.groupby("task").mean().mean()) and kl["verdict"] == "reversed"
+    assert rows["piqa", "accuracy"]["diff"] == pytest.approx(100 * (b.tasks["piqa"].score - a.tasks["piqa"].score))

@@ -14,7 +14,7 @@ from routertune_lib.data import OFFLINE_MIX, cache_dir
 from routertune_lib.evaluation import GEN_TASKS, MC_TASKS
 from routertune_lib.reproduce import check_parameters, run_notebooks
 from routertune_lib.studies import (across_models, cost, experts, generation, granularity, lora, num_layers,
-                                    router_ablation, speed_accuracy, training_data)
+                                    protocol, router_ablation, speed_accuracy, training_data)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
@@ -30,7 +30,7 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
     if notebook == "01_granularity":
         return {"table2": 1 + len(granularity.GRANULARITIES), "table2_paper_llama3_8b": len(paper.PAPER_TABLE2)}
     if notebook == "02_speed_accuracy":
-        per_pair = len(speed_accuracy.METRICS) * (len(S["tasks"]) + 1)  # each metric per task and averaged
+        per_pair = len(protocol.METRICS) * (len(S["tasks"]) + 1)  # each metric per task and averaged
         return {"speed_accuracy": len(speed_accuracy.METHODS) * len(S["capacities"]), "figure2": 5,
                 "router_minus_baselines": 2 * (len(S["capacities"]) - 1) * per_pair,
                 "figure2_router_minus_drop": 2 * per_pair, "figure4_skip_ratio": len(run["routed_layers"])}

@@ -7,10 +7,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ..evaluation import EvalResults, evaluate, get_task, task_prompts
-from ..experiments import measure_speedups, profile_settings, routed_copy, router_record, tuned_routers
+from ..evaluation import (EvalResults, FidelityResults, ReferenceOutputs, evaluate, fidelity, get_task,
+                          reference_outputs, task_average, task_prompts)
+from ..experiments import (measure_speedups, profile_settings, routed_copy, router_record, skipped_share,
+                           tuned_routers)
 from ..reporting import results_dir, run_info, write_json, write_table
 from ..routing import RouterConfig
 from ..speed import text_prompt_pool
@@ -18,6 +21,8 @@ from ..training import calibrate_thresholds
 
 CAPACITY = 0.5  # the paper's target capacity of the routed layers
 CALIB_MAX_LENGTH = 2048  # calibration prompts are scored whole, as the evaluation scores them
+# per fidelity metric: the column of FidelityResults.choice_frame, its scale in the tables, whether higher is better
+METRICS = {"accuracy": ("accuracy", 100.0, True), "kl": ("kl", 1.0, False)}
 TIMING_SHOTS = 10  # timing prompts are few-shot task prompts: at least 10 shots, one per 8 prompt tokens
 
 
@@ -62,6 +67,48 @@ def evaluate_setting(model, tokenizer, S: dict) -> EvalResults:
     return evaluate(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
 
 
+def reference_for(model, tokenizer, S: dict) -> ReferenceOutputs:
+    """The dense ``model``'s outputs (cached) on a study's ``tasks`` with its ``shots`` and ``limit``: what
+    :func:`evaluation.fidelity` scores every other setting against, paired per document."""
+    return reference_outputs(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
+
+
+def score_row(fid, n_boot: int, num_hidden_layers: int) -> dict:
+    """A setting's fidelity pass as table cells: average accuracy over the tasks (%; ``avg``), its paired difference
+    to the dense model with a 95% CI (points; ``diff``, ``ci_low``, ``ci_high``), the mean KL(dense || model) per
+    document with its CI (``kl``...), choice agreement with dense (%), and the executed / skipped shares of the pass
+    (``fid=None``: the dense model itself)."""
+    if fid is None:
+        return {"avg": np.nan, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "kl": 0.0, "kl_ci_low": 0.0,
+                "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
+    docs = fid.choice_frame()
+    acc = task_average(docs.assign(d=docs.accuracy - docs.ref_accuracy), "d", n_boot)
+    kl = task_average(docs, "kl", n_boot)
+    return {"avg": 100 * task_average(docs, "accuracy", n_boot)["value"], "diff": 100 * acc["value"],
+            "ci_low": 100 * acc["ci_low"], "ci_high": 100 * acc["ci_high"], "kl": kl["value"],
+            "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
+            "agreement": 100 * task_average(docs, "agreement", n_boot)["value"],
+            "executed": fid.routing.get("overall", 1.0), "skipped share": skipped_share(fid.routing, num_hidden_layers)}
+
+
+def paired_rows(a, b, n_boot: int) -> list[dict]:
+    """``a`` minus ``b`` (two fidelity passes on the same documents) per metric of :data:`METRICS`, per task and
+    averaged over tasks: the paired difference with its 95% CI and a verdict on "``a`` is closer to dense than
+    ``b``" (``holds``: the CI says so, ``reversed``: the CI says the opposite, ``unresolved``)."""
+    d = a.choice_frame() - b.choice_frame()
+    if d.isna().any().any():
+        raise ValueError("paired_rows: the two passes scored different documents")
+    rows = []
+    for metric, (col, scale, higher_better) in METRICS.items():
+        ci = task_average(d, col, n_boot)
+        for task, c in [*ci["tasks"].items(), ("average", ci)]:
+            lo, hi = scale * c["ci_low"], scale * c["ci_high"]
+            better, worse = (lo > 0, hi < 0) if higher_better else (hi < 0, lo > 0)
+            rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
+                         "ci_high": hi, "verdict": "holds" if better else "reversed" if worse else "unresolved"})
+    return rows
+
+
 def calibrate(model, prompts, capacity: float, per_layer: bool, tokenizer):
     """Thresholds of a routed ``model`` calibrated to ``capacity`` on unlabelled ``prompts`` (scored whole)."""
     return calibrate_thresholds(model, prompts, capacity=capacity, per_layer=per_layer, tokenizer=tokenizer,
@@ -75,22 +122,24 @@ class RoutedRun:
     path: Path
     record: dict  # experiments.router_record: key, steps, wall_time_s, final_capacity, ...
     thresholds: object
-    results: EvalResults
+    results: EvalResults | FidelityResults  # FidelityResults when tuned_run was given a reference
     speed: pd.Series | None  # the routed row of measure_speedups (speedup, kv_ratio, skipped_share, ...)
 
 
 def tuned_run(model_name, model, tokenizer, router_config: RouterConfig, train_config, S: dict, calibration, *,
               num_samples: int, data_source: str = "offline-mix", capacity: float = CAPACITY, timing_pool=None,
-              name: str = "routed") -> RoutedRun:
+              name: str = "routed", reference: ReferenceOutputs | None = None) -> RoutedRun:
     """Tune (or load from the cache) ``router_config`` routers on ``model``, calibrate a copy to ``capacity`` on
-    ``calibration`` (per layer when ``S["calib_per_layer"]``), evaluate it on ``S`` and, with ``timing_pool``
+    ``calibration`` (per layer when ``S["calib_per_layer"]``), evaluate it on ``S`` (with a ``reference``: one
+    :func:`evaluation.fidelity` pass against it instead, ``S["n_boot"]`` replicates) and, with ``timing_pool``
     (``[P, T]`` token ids), time it against ``model`` with ``S["speed"]``."""
     path = tuned_routers(model_name, router_config, train_config, data_source=data_source, num_samples=num_samples,
                          model=model, tokenizer=tokenizer)
     speed = None
     with routed_copy(model, path) as routed:
         thresholds = calibrate(routed, calibration, capacity, S["calib_per_layer"], tokenizer)
-        results = evaluate_setting(routed, tokenizer, S)
+        results = (evaluate_setting(routed, tokenizer, S) if reference is None
+                   else fidelity(routed, tokenizer, reference, n_boot=S["n_boot"]))
         if timing_pool is not None:
             speed = measure_speedups(model, {name: routed}, timing_pool, **S["speed"]).iloc[1]
     return RoutedRun(path, router_record(path), thresholds, results, speed)

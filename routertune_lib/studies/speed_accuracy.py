@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..evaluation import PAPER_TASKS, fidelity, reference_outputs, task_average, task_prompts
+from ..evaluation import PAPER_TASKS, fidelity, task_average, task_prompts
 from ..experiments import (conversation_batches, executed_fractions, load_base_model, measure_speedups,
-                           profile_train_config, randomize_routers, routed_copy, skipped_share, speedup_cells,
-                           tuned_routers)
+                           profile_train_config, randomize_routers, routed_copy, speedup_cells, tuned_routers)
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
 from ..plots import baseline, save_figure
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
-from .protocol import CALIB_MAX_LENGTH, Study, calibrate, mindskip_config, shots_label, timing_pool
+from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, mindskip_config, paired_rows, reference_for, score_row,
+                       shots_label, timing_pool)
 
 NAME = "02_speed_accuracy"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -35,8 +35,6 @@ SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from exp
 }
 METHODS = {"router": "Router-Tuning", "random": "random router", "static": "static attention drop"}
 FIGURE2_CAPACITY = 0.5  # capacity 0.5 of half the layers = 25% overall skipping
-# per metric: the column of FidelityResults.choice_frame, its scale in the tables, and whether higher is better
-METRICS = {"accuracy": ("accuracy", 100.0, True), "kl": ("kl", 1.0, False)}
 
 
 def run(profile: str) -> Study:
@@ -66,7 +64,7 @@ def run(profile: str) -> Study:
     importance = module_importance(model, conversation_batches(calibration, tokenizer, CALIB_MAX_LENGTH,
                                                                device=model.device))
     layers = RouterConfig(num_layers=N // 2).resolve_layers(N)
-    reference = reference_outputs(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
+    reference = reference_for(model, tokenizer, S)
     score = lambda m: fidelity(m, tokenizer, reference, n_boot=S["n_boot"])
     print(f"{N} layers, routed {layers}")
     k = round(len(layers) * (1 - FIGURE2_CAPACITY))
@@ -79,42 +77,6 @@ def run(profile: str) -> Study:
     study.finish(train_config=train_config.to_dict(), router_checkpoints={t: str(p) for t, p in paths.items()},
                  routed_layers=layers)
     return study
-
-
-def score_row(fid, n_boot: int, num_hidden_layers: int) -> dict:
-    """A setting's fidelity pass as table cells: average accuracy over the tasks (%; ``avg``), its paired difference
-    to the dense model with a 95% CI (points; ``diff``, ``ci_low``, ``ci_high``), the mean KL(dense || model) per
-    document with its CI (``kl``...), choice agreement with dense (%), and the executed / skipped shares of the pass
-    (``fid=None``: the dense model itself)."""
-    if fid is None:
-        return {"avg": np.nan, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "kl": 0.0, "kl_ci_low": 0.0,
-                "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
-    docs = fid.choice_frame()
-    acc = task_average(docs.assign(d=docs.accuracy - docs.ref_accuracy), "d", n_boot)
-    kl = task_average(docs, "kl", n_boot)
-    return {"avg": 100 * task_average(docs, "accuracy", n_boot)["value"], "diff": 100 * acc["value"],
-            "ci_low": 100 * acc["ci_low"], "ci_high": 100 * acc["ci_high"], "kl": kl["value"],
-            "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
-            "agreement": 100 * task_average(docs, "agreement", n_boot)["value"],
-            "executed": fid.routing.get("overall", 1.0), "skipped share": skipped_share(fid.routing, num_hidden_layers)}
-
-
-def paired_rows(a, b, n_boot: int) -> list[dict]:
-    """``a`` minus ``b`` (two fidelity passes on the same documents) per metric of :data:`METRICS`, per task and
-    averaged over tasks: the paired difference with its 95% CI and a verdict on "``a`` is closer to dense than
-    ``b``" (``holds``: the CI says so, ``reversed``: the CI says the opposite, ``unresolved``)."""
-    d = a.choice_frame() - b.choice_frame()
-    if d.isna().any().any():
-        raise ValueError("paired_rows: the two passes scored different documents")
-    rows = []
-    for metric, (col, scale, higher_better) in METRICS.items():
-        ci = task_average(d, col, n_boot)
-        for task, c in [*ci["tasks"].items(), ("average", ci)]:
-            lo, hi = scale * c["ci_low"], scale * c["ci_high"]
-            better, worse = (lo > 0, hi < 0) if higher_better else (hi < 0, lo > 0)
-            rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
-                         "ci_high": hi, "verdict": "holds" if better else "reversed" if worse else "unresolved"})
-    return rows
 
 
 def _sweep(study, model, tokenizer, routed, score, importance, layers, calibration, timing_pool) -> dict:
