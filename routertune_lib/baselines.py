@@ -72,7 +72,7 @@ def module_importance(model: nn.Module, batches: Iterable[dict]) -> dict[str, di
             mask = batch.get("attention_mask")
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
             real = mask.float()
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # the hooks need no logits
             count += float(real.sum())
     finally:
         for h in handles:

@@ -158,6 +158,7 @@ class Study:
     profile_settings: dict | None  # experiments.PROFILES[profile] (model, tuning budget), None where not used
     out_dir: Path
     started: float = field(default_factory=time.time)
+    provenance: dict = field(default_factory=run_info)  # taken at the start: the code the run imported
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
 
@@ -184,11 +185,12 @@ class Study:
         return df
 
     def finish(self, **record) -> None:
-        """Write ``run.json``: profile, settings, ``record``, wall time since the start and provenance."""
+        """Write ``run.json``: profile, settings, ``record``, wall time since the start and the provenance taken at
+        the start (``reporting.run_info``)."""
         head = {"profile": self.profile}
         if self.profile_settings is not None:
             head["profile_settings"] = self.profile_settings
         wall = time.time() - self.started
         write_json(self.out_dir / "run.json", {**head, "settings": self.settings, **record, "wall_time_s": wall,
-                                               "run": run_info()})
+                                               "run": self.provenance})
         print(f"wall time {wall:.0f} s; results in {self.out_dir}")
