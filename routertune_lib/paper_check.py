@@ -14,7 +14,9 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
   held-out texts (at the paper's lengths);
 * router tuning: ``train_routers`` runs one optimizer step of one micro batch (the paper's ``micro_batch``,
   ``max_length``, learning rate, bf16 autocast); ``training_cost.measure_method`` runs in the kernel with one step;
-* timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once.
+* timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once;
+* unlabelled prompts: LLM-Drop importance runs one batch, threshold calibration and executed fractions
+  :data:`CHECK_DOCS` prompts (not estimated: small next to evaluation).
 
 Each patched call appends the paper-size workload it was asked for to a JSON-lines record; :func:`estimate` turns it
 into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' parameter counts:
@@ -77,13 +79,16 @@ def install(record: str, models_dir: str | None = None) -> None:
 
     for info in pkgutil.walk_packages(routertune_lib.__path__, "routertune_lib."):  # every copy of a name is patched
         importlib.import_module(info.name)
-    from . import dynamics, evaluation, models, speed, training, training_cost
+    from . import baselines, calibration, dynamics, evaluation, experiments, models, speed, training, training_cost
     from .data import cache_dir
     from .model_configs import PAPER_CONFIGS, full_config, save_shrunk
 
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
     load_model, evaluate = models.load_model, evaluation.evaluate
     reference_outputs, fidelity, document_kl = evaluation.reference_outputs, evaluation.fidelity, dynamics.document_kl
+    # unlabelled-prompt passes (importance, calibration, executed fractions): the first CHECK_DOCS prompts / one batch
+    importance, calibrate = baselines.module_importance, calibration.calibrate_thresholds
+    one_forward, fractions = dynamics.calibrate_per_layer_one_forward, experiments.executed_fractions
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
@@ -125,6 +130,18 @@ def install(record: str, models_dir: str | None = None) -> None:
                 texts=len(texts) * (1 + len(models_)), text_tokens=max_length)
         return document_kl(dense, models_, tokenizer, list(texts)[:CHECK_DOCS], max_length, batch_size)
 
+    def check_module_importance(model, batches):
+        return importance(model, list(batches)[:1])
+
+    def check_calibrate_thresholds(model, data, *args, **kw):
+        return calibrate(model, list(data)[:CHECK_DOCS], *args, **kw)
+
+    def check_calibrate_one_forward(model, data, *args, **kw):
+        return one_forward(model, list(data)[:CHECK_DOCS], *args, **kw)
+
+    def check_executed_fractions(model, data, *args, **kw):
+        return fractions(model, list(data)[:CHECK_DOCS], *args, **kw)
+
     def check_train_routers(model, tokenizer, dataset, router_config, train_config, **kw):
         micro = train_config.micro_batch_size
         if not in_cost[0]:
@@ -155,7 +172,9 @@ def install(record: str, models_dir: str | None = None) -> None:
     for original, patched in ((load_model, check_load_model), (evaluate, check_evaluate),
                               (train_routers, check_train_routers), (compare_settings, check_compare_settings),
                               (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
-                              (fidelity, check_fidelity), (document_kl, check_document_kl)):
+                              (fidelity, check_fidelity), (document_kl, check_document_kl),
+                              (importance, check_module_importance), (calibrate, check_calibrate_thresholds),
+                              (one_forward, check_calibrate_one_forward), (fractions, check_executed_fractions)):
         _replace_everywhere(original, patched)
 
 
