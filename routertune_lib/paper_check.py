@@ -26,8 +26,8 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
   gradients), full fine-tuning ``6 * N * tokens``; at ``GPU["mfu"]`` of the bf16 peak.
 * decode steps (generation, timing) are memory bound: ``weights bytes / HBM bandwidth`` per step.
 * tokens: evaluation = docs (the full eval split) x the mean tokens of 32 of the task's 0-shot prompts (stand-in
-  tokenizer) x (1 + shots) + generated tokens, + held-out texts x their maximum length (an upper bound); tuning = conversations x epochs x mean conversation tokens
-  (chat template, capped at ``max_length``).
+  tokenizer) x (1 + shots) + generated tokens, + held-out texts x their maximum length (an upper bound); tuning =
+  conversations x epochs x mean conversation tokens (chat template, capped at ``max_length``).
 * memory: bf16 weights (2 bytes/parameter) + the largest of: the KV cache of a timing batch (batch x (prompt + new
   tokens) x KV bytes/token), router-tuning activations (micro batch x longest conversation x layers x
   (``ACT_BYTES_PER_HIDDEN`` x hidden) + 6 bytes x vocabulary per token for logits and log-softmax; an upper bound:
@@ -130,17 +130,9 @@ def install(record: str, models_dir: str | None = None) -> None:
                 texts=len(texts) * (1 + len(models_)), text_tokens=max_length)
         return document_kl(dense, models_, tokenizer, list(texts)[:CHECK_DOCS], max_length, batch_size)
 
-    def check_module_importance(model, batches):
-        return importance(model, list(batches)[:1])
-
-    def check_calibrate_thresholds(model, data, *args, **kw):
-        return calibrate(model, list(data)[:CHECK_DOCS], *args, **kw)
-
-    def check_calibrate_one_forward(model, data, *args, **kw):
-        return one_forward(model, list(data)[:CHECK_DOCS], *args, **kw)
-
-    def check_executed_fractions(model, data, *args, **kw):
-        return fractions(model, list(data)[:CHECK_DOCS], *args, **kw)
+    def first(fn, n: int):
+        """``fn(model, data, ...)`` on the first ``n`` items of ``data`` (prompts or batches)."""
+        return lambda model, data, *args, **kw: fn(model, list(data)[:n], *args, **kw)
 
     def check_train_routers(model, tokenizer, dataset, router_config, train_config, **kw):
         micro = train_config.micro_batch_size
@@ -173,8 +165,8 @@ def install(record: str, models_dir: str | None = None) -> None:
                               (train_routers, check_train_routers), (compare_settings, check_compare_settings),
                               (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
                               (fidelity, check_fidelity), (document_kl, check_document_kl),
-                              (importance, check_module_importance), (calibrate, check_calibrate_thresholds),
-                              (one_forward, check_calibrate_one_forward), (fractions, check_executed_fractions)):
+                              (importance, first(importance, 1)), (calibrate, first(calibrate, CHECK_DOCS)),
+                              (one_forward, first(one_forward, CHECK_DOCS)), (fractions, first(fractions, CHECK_DOCS))):
         _replace_everywhere(original, patched)
 
 

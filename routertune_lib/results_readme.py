@@ -283,7 +283,8 @@ def table_figure2(r: Results) -> str:
         rows.append({"target": t, "Layer Drop avg (KL)": f"{num(drop.avg)} ({num(drop.kl, 3)})",
                      "Router-Tuning avg (KL)": f"{num(router.avg)} ({num(router.kl, 3)})",
                      "router minus drop, accuracy [95% CI]": ci(a["diff"], a["ci_low"], a["ci_high"]),
-                     "verdict": a["verdict"], "router minus drop, KL [95% CI]": ci(k["diff"], k["ci_low"], k["ci_high"], 3),
+                     "verdict": a["verdict"],
+                     "router minus drop, KL [95% CI]": ci(k["diff"], k["ci_low"], k["ci_high"], 3),
                      "KL verdict": k["verdict"],
                      "paper (ARC-C, MMLU, OBQA, RTE)": num(
                          np.mean([PAPER_FIGURE2[f"{t}_router"][x] - PAPER_FIGURE2[f"{t}_layerdrop"][x]

@@ -343,7 +343,8 @@ class FidelityResults:
         if "gold" not in df:
             raise ValueError(f"choice_frame: no multiple-choice task among {list(self.tasks)}")
         df = df[df.task != HELDOUT]
-        df = df.assign(accuracy=(df.chosen == df.gold).astype(float), ref_accuracy=(df.ref_chosen == df.gold).astype(float))
+        df = df.assign(accuracy=(df.chosen == df.gold).astype(float),
+                       ref_accuracy=(df.ref_chosen == df.gold).astype(float))
         return df.set_index(["task", "doc_id"])[["accuracy", "ref_accuracy", "kl", "delta_loglik", "agreement"]]
 
     @property

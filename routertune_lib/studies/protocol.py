@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..evaluation import (EvalResults, ReferenceOutputs, evaluate, get_task, reference_outputs, task_average,
@@ -73,22 +72,29 @@ def reference_for(model, tokenizer, S: dict) -> ReferenceOutputs:
     return reference_outputs(model, tokenizer, S["tasks"], num_fewshot=S["shots"], limit=S["limit"])
 
 
+def task_means(fid) -> pd.DataFrame:
+    """Per task (rows, in task order), the mean over docs of each column of ``fid.choice_frame()``."""
+    return fid.choice_frame().groupby(level="task", sort=False).mean()
+
+
 def score_row(fid, n_boot: int, num_hidden_layers: int) -> dict:
     """A setting's fidelity pass as table cells: average accuracy over the tasks (%; ``avg``), its paired difference
     to the dense model with a 95% CI (points; ``diff``, ``ci_low``, ``ci_high``), the mean KL(dense || model) per
-    document with its CI (``kl``...), choice agreement with dense (%), and the executed / skipped shares of the pass
-    (``fid=None``: the dense model itself)."""
-    if fid is None:
-        return {"avg": np.nan, "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "kl": 0.0, "kl_ci_low": 0.0,
-                "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
-    docs = fid.choice_frame()
+    document with its CI (``kl``...), choice agreement with dense (%), and the executed / skipped shares of the pass."""
+    docs, means = fid.choice_frame(), task_means(fid).mean()
     acc = task_average(docs.assign(d=docs.accuracy - docs.ref_accuracy), "d", n_boot)
     kl = task_average(docs, "kl", n_boot)
-    return {"avg": 100 * task_average(docs, "accuracy", n_boot)["value"], "diff": 100 * acc["value"],
-            "ci_low": 100 * acc["ci_low"], "ci_high": 100 * acc["ci_high"], "kl": kl["value"],
-            "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
-            "agreement": 100 * task_average(docs, "agreement", n_boot)["value"],
-            "executed": fid.routing.get("overall", 1.0), "skipped share": skipped_share(fid.routing, num_hidden_layers)}
+    return {"avg": 100 * means.accuracy, "diff": 100 * acc["value"], "ci_low": 100 * acc["ci_low"],
+            "ci_high": 100 * acc["ci_high"], "kl": kl["value"], "kl_ci_low": kl["ci_low"], "kl_ci_high": kl["ci_high"],
+            "agreement": 100 * means.agreement, "executed": fid.routing.get("overall", 1.0),
+            "skipped share": skipped_share(fid.routing, num_hidden_layers)}
+
+
+def dense_row(fid) -> dict:
+    """:func:`score_row`'s cells for the dense reference itself, read from any pass ``fid`` against it (its
+    ``ref_accuracy``): the reference's average accuracy, no difference, no KL, full agreement, nothing skipped."""
+    return {"avg": 100 * task_means(fid).ref_accuracy.mean(), "diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "kl": 0.0,
+            "kl_ci_low": 0.0, "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
 
 
 def paired_rows(a, b, n_boot: int) -> list[dict]:

@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..evaluation import PAPER_TASKS, fidelity, task_average, task_prompts
+from ..evaluation import PAPER_TASKS, fidelity, task_prompts
 from ..experiments import (conversation_batches, executed_fractions, load_base_model, measure_speedups,
                            profile_train_config, randomize_routers, routed_copy, speedup_cells, tuned_routers)
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
 from ..plots import baseline, save_figure
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
-from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, mindskip_config, paired_rows, reference_for, score_row,
-                       shots_label, timing_pool)
+from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, dense_row, mindskip_config, paired_rows, reference_for,
+                       score_row, shots_label, task_means, timing_pool)
 
 NAME = "02_speed_accuracy"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -112,10 +112,9 @@ def _sweep(study, model, tokenizer, routed, score, importance, layers, calibrati
             paired += [{"capacity": c, "router minus": METHODS[base], **r}
                        for r in paired_rows(scores["router", c], scores[base, c], S["n_boot"])]
     del random_router
-    cells = pd.DataFrame([score_row(scores[m, c], S["n_boot"], N) for m, c in zip(
-        (r["method"] for r in sweep), (r["capacity"] for r in sweep))])
-    some = next(f for f in scores.values() if f is not None)
-    cells.loc[cells.avg.isna(), "avg"] = 100 * task_average(some.choice_frame(), "ref_accuracy")["value"]
+    dense = dense_row(next(f for f in scores.values() if f is not None))
+    cells = pd.DataFrame([dense if scores[r["method"], r["capacity"]] is None
+                          else score_row(scores[r["method"], r["capacity"]], S["n_boot"], N) for r in sweep])
     sweep = study.table("speed_accuracy", pd.concat([pd.DataFrame(sweep), cells], axis=1))
     study.table("router_minus_baselines", pd.DataFrame(paired))
     w = (sweep.ci_high - sweep.ci_low)[sweep.capacity < 1]
@@ -136,14 +135,10 @@ def _figure2(study, model, tokenizer, mlp_path, score, scores, importance, layer
         attach_static_drop(mlp_drop, "mlp", least_important(importance["mlp"], k, candidates=layers))
         fig2["mlp_layerdrop"] = score(mlp_drop)
     fig2 = {n: fig2[n] for n in ("mlp_layerdrop", "mlp_router", "attn_layerdrop", "attn_router")}
-    ref = fig2["attn_router"].choice_frame()
-    rows = [{"setting": "dense", **{t: 100 * g.ref_accuracy.mean() for t, g in ref.groupby("task", sort=False)},
-             **score_row(None, S["n_boot"], N)}]
-    rows[0]["avg"] = 100 * task_average(ref, "ref_accuracy")["value"]
-    for name, fid in fig2.items():
-        docs = fid.choice_frame()
-        rows.append({"setting": name, **{t: 100 * g.accuracy.mean() for t, g in docs.groupby("task", sort=False)},
-                     **score_row(fid, S["n_boot"], N)})
+    ref = fig2["attn_router"]
+    rows = [{"setting": "dense", **(100 * task_means(ref).ref_accuracy).to_dict(), **dense_row(ref)}]
+    rows += [{"setting": name, **(100 * task_means(fid).accuracy).to_dict(), **score_row(fid, S["n_boot"], N)}
+             for name, fid in fig2.items()]
     f2 = pd.DataFrame(rows)
     for t in S["tasks"]:
         f2[f"{t} (paper)"] = [None] + [PAPER_FIGURE2[n].get(t) for n in fig2]
@@ -178,13 +173,14 @@ def plot_sweep(study: Study):
     for (m, label), marker in zip(METHODS.items(), "os^"):
         g = sweep[sweep.method == m].sort_values("capacity", ascending=False)
         xerr = [g.speedup - g["speedup ci_low"], g["speedup ci_high"] - g.speedup]
-        for row, (y, lo, hi) in enumerate([("avg", "ci_low", "ci_high"), ("kl", "kl_ci_low", "kl_ci_high")]):
-            yv = g[y] if y == "kl" else g.avg
-            yerr = [g[y] - g[lo], g[hi] - g[y]] if y == "kl" else [g["diff"] - g[lo], g[hi] - g["diff"]]
+        # per row: the plotted value, and the column its CI is around (accuracy: the paired difference to dense)
+        for row, (y, centre, lo, hi) in enumerate([("avg", "diff", "ci_low", "ci_high"),
+                                                   ("kl", "kl", "kl_ci_low", "kl_ci_high")]):
+            yerr = [g[centre] - g[lo], g[hi] - g[centre]]
             for col, (x, xe) in enumerate([(g.speedup, xerr), (g.flop_fraction, None)]):
                 ax = axes[row][col]
-                ax.errorbar(x, yv, xerr=xe, yerr=yerr, marker=marker, capsize=3, label=label)
-                for xi, yi, c in zip(x, yv, g.capacity):
+                ax.errorbar(x, g[y], xerr=xe, yerr=yerr, marker=marker, capsize=3, label=label)
+                for xi, yi, c in zip(x, g[y], g.capacity):
                     if c < 1:
                         ax.annotate(f"{c:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
     axes[0][0].set_ylabel(f"average accuracy (%), {len(study.settings['tasks'])} tasks\n(error bar: paired 95% CI "
