@@ -123,11 +123,13 @@ def table_runs(r: Results) -> str:
 SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static --masked --moe --threads 2
 
 
-def _speed_ci(x: dict, col: str) -> str:
-    """``1.05x [1.02, 1.07]``: a speed-up column of the speed benchmark with its CI."""
+def _speed_ci(x: dict, col: str, sep: str = "_", digits: int = 3) -> str:
+    """``1.05x [1.02, 1.07]``: speed-up column ``col`` of a row with its CI (columns ``col + sep + "ci_low"`` /
+    ``"ci_high"``: ``_`` in the speed benchmark's rows, a space in the studies' ``speedup_cells``)."""
     if pd.isna(x[col]):
         return ""
-    return f"{times(x[col], 3)} [{num(x[col + '_ci_low'], 3)}, {num(x[col + '_ci_high'], 3)}]"
+    low, high = x[f"{col}{sep}ci_low"], x[f"{col}{sep}ci_high"]
+    return f"{times(x[col], digits)} [{num(low, digits)}, {num(high, digits)}]"
 
 
 def _speed_verdict(x: dict) -> str:
@@ -238,11 +240,6 @@ def table_table2(r: Results) -> str:
     return md(rows, right=(*TASK_RIGHT, "paper diff (same tasks)", "executed", "skipped while timed"))
 
 
-def _speedup_ci(x: dict) -> str:
-    """``1.07x [1.05, 1.09]``: a study row's speed-up (``speedup`` and ``speedup ci_low/high`` columns) with its CI."""
-    return f"{times(x['speedup'])} [{num(x['speedup ci_low'], 2)}, {num(x['speedup ci_high'], 2)}]"
-
-
 def table_speed_accuracy(r: Results) -> str:
     df = r.csv("results/02_speed_accuracy/cpu/speed_accuracy.csv")
     rows = []
@@ -254,7 +251,7 @@ def table_speed_accuracy(r: Results) -> str:
                      "method": "dense" if dense else x["method"], "accuracy": num(x["avg"]),
                      "vs dense [95% CI]": "" if dense else ci(x["diff"], x["ci_low"], x["ci_high"]),
                      "KL to dense [95% CI]": _kl(x, dense),
-                     "agreement": num(x["agreement"]), "speed-up [95% CI]": _speedup_ci(x),
+                     "agreement": num(x["agreement"]), "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2),
                      "FLOP fraction": num(x["flop_fraction"], 3), "attention skipped": num(x["skipped share"], 3)})
     return md(rows, right=("capacity", "accuracy", "agreement", "FLOP fraction", "attention skipped"))
 
