@@ -224,7 +224,7 @@ def _kl(x: dict, dense: bool) -> str:
 
 def table_table2(r: Results) -> str:
     df = r.csv("results/01_granularity/cpu/table2.csv")
-    rows = [{"setting": x["setting"], "speed-up [95% CI]": _speedup_ci(x), "paper": times(x["speedup (paper)"]),
+    rows = [{"setting": x["setting"], "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2), "paper": times(x["speedup (paper)"]),
              "FLOP fraction": num(x["flop_fraction"], 3), "ARC-E": num(x["arc_easy"]), "PIQA": num(x["piqa"]),
              "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
              "paper diff (PIQA)": "" if x["setting"] == "dense" else num(x["diff (paper, same tasks)"], 1, True),

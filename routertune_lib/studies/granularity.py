@@ -11,8 +11,8 @@ from ..experiments import load_base_model, paper_tasks_mean, profile_train_confi
 from ..paper import PAPER_TABLE2
 from ..plots import diff_bars, save_figure
 from ..routing import RouterConfig
-from .protocol import (CAPACITY, Study, mindskip_config, reference_for, score_row, shots_label, timing_pool,
-                       tuned_run)
+from .protocol import (CAPACITY, Study, dense_row, mindskip_config, reference_for, score_row, shots_label,
+                       timing_pool, tuned_run)
 
 NAME = "01_granularity"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -71,13 +71,13 @@ def _table2(runs: dict, S: dict, N: int) -> pd.DataFrame:
     difference to dense, KL to dense, speed-up with its CI and executed FLOP fraction."""
     tasks = S["tasks"]
     paper_dense_avg = paper_tasks_mean(PAPER_TABLE2["dense"], tasks)
-    some = next(iter(runs.values())).results.choice_frame()
+    some = next(iter(runs.values())).results
     rows = []
     for name in ["dense", *runs]:
         p, run = PAPER_TABLE2[name], runs.get(name)
-        docs = some if run is None else run.results.choice_frame()
+        docs = (some if run is None else run.results).choice_frame()
         acc = docs.ref_accuracy if run is None else docs.accuracy
-        cells = score_row(None if run is None else run.results, S["n_boot"], N)
+        cells = dense_row(some) if run is None else score_row(run.results, S["n_boot"], N)
         row = {"setting": name, **speedup_cells(None if run is None else run.speed), "speedup (paper)": p["speedup"],
                "flop_fraction": 1.0 if run is None else run.speed.flop_fraction}
         for t in tasks:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluation import (EvalResults, ReferenceOutputs, evaluate, get_task, reference_outputs, task_average,
-                          task_prompts)
+from ..evaluation import (EvalResults, FidelityResults, ReferenceOutputs, evaluate, fidelity, get_task,
+                          reference_outputs, task_average, task_prompts)
 from ..experiments import (measure_speedups, profile_settings, routed_copy, router_record, skipped_share,
                            tuned_routers)
 from ..reporting import results_dir, run_info, write_json, write_table
@@ -128,22 +128,24 @@ class RoutedRun:
     path: Path
     record: dict  # experiments.router_record: key, steps, wall_time_s, final_capacity, ...
     thresholds: object
-    results: EvalResults
+    results: EvalResults | FidelityResults  # FidelityResults when tuned_run was given a reference
     speed: pd.Series | None  # the routed row of measure_speedups (speedup, kv_ratio, skipped_share, ...)
 
 
 def tuned_run(model_name, model, tokenizer, router_config: RouterConfig, train_config, S: dict, calibration, *,
               num_samples: int, data_source: str = "offline-mix", capacity: float = CAPACITY, timing_pool=None,
-              name: str = "routed") -> RoutedRun:
+              name: str = "routed", reference: ReferenceOutputs | None = None) -> RoutedRun:
     """Tune (or load from the cache) ``router_config`` routers on ``model``, calibrate a copy to ``capacity`` on
-    ``calibration`` (per layer when ``S["calib_per_layer"]``), evaluate it on ``S`` and, with ``timing_pool``
+    ``calibration`` (per layer when ``S["calib_per_layer"]``), evaluate it on ``S`` (with a ``reference``: one
+    :func:`evaluation.fidelity` pass against it instead, ``S["n_boot"]`` replicates) and, with ``timing_pool``
     (``[P, T]`` token ids), time it against ``model`` with ``S["speed"]``."""
     path = tuned_routers(model_name, router_config, train_config, data_source=data_source, num_samples=num_samples,
                          model=model, tokenizer=tokenizer)
     speed = None
     with routed_copy(model, path) as routed:
         thresholds = calibrate(routed, calibration, capacity, S["calib_per_layer"], tokenizer)
-        results = evaluate_setting(routed, tokenizer, S)
+        results = (evaluate_setting(routed, tokenizer, S) if reference is None
+                   else fidelity(routed, tokenizer, reference, n_boot=S["n_boot"]))
         if timing_pool is not None:
             speed = measure_speedups(model, {name: routed}, timing_pool, **S["speed"]).iloc[1]
     return RoutedRun(path, router_record(path), thresholds, results, speed)
