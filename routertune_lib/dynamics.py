@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from scipy.stats import bootstrap
 from torch.nn.utils.rnn import pad_sequence
 
-from .evaluation import tok_encode
+from .evaluation import closer_verdict, tok_encode
 from .experiments import conversation_batches
 from .routing import RoutingContext, RoutingTrace, routed_layers, set_thresholds
 from .training import threshold_for
@@ -331,8 +331,8 @@ def fidelity_table(kl: pd.DataFrame, reference: str, executed: dict[str, dict] |
             row.update(diff=0.0, ci_low=0.0, ci_high=0.0, verdict="reference")
         else:
             d = paired_difference(kl[reference], kl[name], n_boot, seed)
-            verdict = "holds" if d["ci_low"] > 0 else "reversed" if d["ci_high"] < 0 else "unresolved"
-            row.update(diff=d["diff"], ci_low=d["ci_low"], ci_high=d["ci_high"], verdict=verdict)
+            row.update(diff=d["diff"], ci_low=d["ci_low"], ci_high=d["ci_high"],
+                       verdict=closer_verdict(d["ci_low"], d["ci_high"], higher_better=True))  # reference − name
         rows.append(row)
     return pd.DataFrame(rows)
 

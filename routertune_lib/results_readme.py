@@ -193,21 +193,33 @@ def table_lm_eval_agreement(r: Results) -> str:
                            "speed-up"))
 
 
+QUICKSTART_METRICS = {"accuracy difference (points)": ("routed − dense accuracy (points)", 1),
+                      "kl": ("KL(dense ‖ routed)", 3), "agreement": ("answer agreement", 3),
+                      "delta_loglik": ("Δ gold log-likelihood", 3)}
+
+
 def table_quickstart_accuracy(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/accuracy.csv")
-    rows = [{"task": f"{TASK_NAMES[x.task]} ({x.metric})", "n": x.n, "dense": num(x.dense), "routed": num(x.routed),
-             "difference [95% CI]": ci(x.diff, x.ci_low, x.ci_high), "verdict": verdict(x.ci_low, x.ci_high),
-             "same answer": f"{num(x.agreement)}%"} for x in df.itertuples()]
-    return md(rows, right=("n", "dense", "routed", "same answer"))
+    rows = []
+    for x in df.to_dict("records"):
+        name, digits = QUICKSTART_METRICS[x["metric"]]
+        acc = x["metric"] in QUICKSTART_METRICS and not pd.isna(x.get("dense"))
+        rows.append({"task": TASK_NAMES[x["task"]], "metric": name, "n": x["n"],
+                     "dense": num(x["dense"]) if acc else "", "routed": num(x["routed"]) if acc else "",
+                     "value [95% CI]": f"{num(x['value'], digits, acc)} [{num(x['ci_low'], digits, acc)}, "
+                                       f"{num(x['ci_high'], digits, acc)}]",
+                     "verdict": verdict(x["ci_low"], x["ci_high"]) if acc else ""})
+    return md(rows, right=("n", "dense", "routed"))
 
 
 def table_quickstart_generation(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/generation_speed.csv")
     dense_kv = df.kv_bytes.iloc[0]
-    rows = [{"setting": x.setting, "prompt tokens": x.prompt_len, "new tokens": x.new_tokens,
-             "skipped share": num(x.skipped_share, 3), "speed-up": times(x.speedup),
-             "KV cache": num(x.kv_bytes / dense_kv, 3)} for x in df.itertuples()]
-    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "speed-up", "KV cache"))
+    rows = [{"setting": x["setting"], "prompt tokens": x["prompt_len"], "new tokens": x["new_tokens"],
+             "skipped share": num(x["skipped_share"], 3), "speed-up [95% CI]": _speed_ci(x, "speedup", "_", 2),
+             "FLOP fraction": num(x["flop_fraction"], 3), "KV cache": num(x["kv_bytes"] / dense_kv, 3)}
+            for x in df.to_dict("records")]
+    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "FLOP fraction", "KV cache"))
 
 
 def _diff(x: dict, dense: bool) -> dict:
@@ -287,16 +299,20 @@ def table_figure3(r: Results) -> str:
     names = {"dense": "dense", "router": "Router-Tuning", "attn_drop": "Attention Drop"}
     rows = [{"setting": names[x["method"]] + ("" if x["method"] == "dense" else f", {x['target skip']:.1%}"),
              "exact match": num(x["exact match"]), **_diff(x, x["method"] == "dense"),
-             "skipped share": num(x["skipped share (generation)"], 3), "speed-up": times(x["speed-up"]),
+             "KL to dense [95% CI]": _kl(x, x["method"] == "dense"),
+             "skipped share": num(x["skipped share (generation)"], 3),
+             "speed-up [95% CI]": _speed_ci(x, "speed-up", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
              "KV cache": num(x["kv ratio"], 3), "paper": num(x["exact match (paper)"])} for x in df.to_dict("records")]
-    return md(rows, right=("exact match", "skipped share", "speed-up", "KV cache", "paper"))
+    return md(rows, right=("exact match", "skipped share", "FLOP fraction", "KV cache", "paper"))
 
 
 def table_figure3_router_minus_drop(r: Results) -> str:
     df = r.csv("results/03_generation_vs_attention_drop/cpu/figure3_router_minus_drop.csv")
-    rows = [{"skipped": f"{x['target skip']:.1%}",
-             "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-             "verdict": verdict(x["ci_low"], x["ci_high"]), "paper": num(x["diff (paper)"], 1, True)}
+    rows = [{"skipped": f"{x['target skip']:.1%}", "metric": x["metric"],
+             "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"],
+                                              1 if x["metric"] == "exact match" else 3),
+             "router closer to dense": x["verdict"],
+             "paper": "" if pd.isna(x["diff (paper)"]) else num(x["diff (paper)"], 1, True)}
             for x in df.to_dict("records")]
     return md(rows, right=("skipped", "paper"))
 
@@ -332,17 +348,20 @@ def table_table5(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "routed layers": f"{x['routed layers']} of {x['layers']}",
              "dense": num(x["dense"]), "routed": num(x["routed"]), **_diff(x, False),
-             "executed": num(x["executed"], 2), "speed-up": times(x["speedup"]), "KV cache": num(x["kv ratio"], 2)}
+             "KL to dense [95% CI]": _kl(x, False), "executed": num(x["executed"], 2),
+             "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
+             "KV cache": num(x["kv ratio"], 2)}
             for x in df.to_dict("records")]
-    return md(rows, right=("routed layers", "dense", "routed", "executed", "speed-up", "KV cache"))
+    return md(rows, right=("routed layers", "dense", "routed", "executed", "FLOP fraction", "KV cache"))
 
 
 def table_table5_tasks(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5_tasks.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "task": TASK_NAMES.get(x["task"], x["task"]),
-             "dense": num(x["a"]), "routed": num(x["b"]), "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-             "verdict": verdict(x["ci_low"], x["ci_high"])} for x in df.to_dict("records")]
-    return md(rows, right=("dense", "routed"))
+             "n": x["n"], "dense": num(x["dense"]), "routed": num(x["routed"]),
+             "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]), "verdict": verdict(x["ci_low"], x["ci_high"]),
+             "KL to dense [95% CI]": _kl(x, False), "agreement": num(x["agreement"])} for x in df.to_dict("records")]
+    return md(rows, right=("n", "dense", "routed", "agreement"))
 
 
 def table_table6(r: Results) -> str:
@@ -570,6 +589,8 @@ VALUES = {
                                           ["router_record"]["steps"]),
     "quickstart-steps": lambda r: str(int(_train_log(r).step.max())),
     "quickstart-tuning-s": lambda r: seconds(_train_log(r).elapsed_s.iloc[-1]),
+    "quickstart-executed-eval": lambda r: "{:.1%}".format(
+        r.json("results/00_quickstart/cpu/run.json")["eval_routing"]["overall"]),
     "quickstart-skipped-timing": lambda r: "{:.1%}".format(_cell(
         r, "results/00_quickstart/cpu/generation_speed.csv", "skipped_share", setting="routed (real)")),
     "training-cost-capacity": _training_cost_capacity,

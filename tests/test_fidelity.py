@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_evaluation import char_tokenizer, fake_data  # noqa: F401  (fake_data: fixture of synthetic task data)
+from test_generative_eval import arithmetic  # noqa: F401  (fixture: a 12-row stand-in arithmetic task)
 
 from routertune_lib import evaluation as ev
+from routertune_lib.evaluation.generation import generative_prompts
 from routertune_lib.evaluation.reference import coarse_kl, coarse_logprobs
 
 TEXTS = [f"The {i}th quick brown fox jumps over {i * 3} lazy dogs." for i in range(6)]
@@ -110,8 +112,34 @@ def test_reference_outputs_are_cached_and_checked(fake_data, tmp_path):
         ev.fidelity(model, tok, ref)
     with pytest.raises(ValueError, match="n_boot >= 1000"):
         ev.fidelity(model, tok, again, n_boot=100)
-    with pytest.raises(ValueError, match="'arithmetic' is a generative task"):
-        ev.reference_outputs(model, tok, ["arithmetic"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        ev.reference_outputs(model, tok, ["nope"])
+
+
+def test_generative_task_fidelity_scores_the_gold_answer_after_the_generation_prompt(arithmetic):
+    model, tok = tiny_model(), char_tokenizer()
+    kw = dict(num_fewshot=2, limit=6, batch_size=4, topk=8)
+    ref = ev.reference_outputs(model, tok, ["arithmetic"], **kw)
+    same = ev.fidelity(model, tok, ref).tasks["arithmetic"]
+    assert same["metrics"]["kl"]["value"] == 0.0 and same["metrics"]["delta_loglik"]["value"] == 0.0
+    other = perturbed(model, scale=0.2)
+    fid = ev.fidelity(other, tok, ref)
+    assert fid.tasks["arithmetic"]["metrics"]["kl"]["ci_low"] > 0
+    with pytest.raises(ValueError, match="no multiple-choice task"):
+        fid.choice_frame()
+    # the scored requests: each evaluated doc's generation prompt (as evaluate() builds it), then " " + gold answer
+    task = ev.get_task("arithmetic")
+    idx, docs, prompts = generative_prompts(task, 2, 6, 1234)
+    gens = ev.evaluate(model, tok, ["arithmetic"], num_fewshot=2, limit=6, cache=False).tasks["arithmetic"].records
+    assert [r["doc_id"] for r in gens] == [int(i) for i in idx] == [r["doc_id"] for r in fid.tasks["arithmetic"]["records"]]
+    want = []
+    with torch.no_grad():
+        for p, d in zip(prompts, docs):
+            ctx, cont = ev.encode_pair(tok, p, " " + task.doc_to_target(d))
+            ids = torch.tensor([ctx + cont])
+            lp = [torch.log_softmax(m(input_ids=ids).logits.float(), -1)[0, len(ctx) - 1 : -1] for m in (model, other)]
+            want.append(float(sum(x.gather(-1, torch.tensor(cont)[:, None]).sum() for x in (lp[1], -lp[0]))))
+    np.testing.assert_allclose([r["delta_loglik"] for r in fid.tasks["arithmetic"]["records"]], want, atol=1e-4)
 
 
 def test_bootstrap_ci_contains_the_value_and_shrinks_with_n():

@@ -68,10 +68,17 @@ def generate_until(model, tokenizer, prompts: Sequence[str], until: Sequence[str
     return out  # type: ignore[return-value]
 
 
-def run_generative(model, tokenizer, task: GenerativeTask, shots, limit, seed, batch_size, max_length):
+def generative_prompts(task: GenerativeTask, shots: int, limit: int | None, seed: int):
+    """``(doc ids, docs, prompts)``: the evaluated docs of ``task`` (the seeded ``limit`` subset) and the
+    ``shots``-shot prompts greedy generation starts from (:func:`run_generative`; the fidelity pass scores the gold
+    answer after the same prompts)."""
     idx, docs = task_docs(task.name, limit, seed)
     sampler = fewshot_sampler(task, shots, seed)
-    prompts = [task.prompt(d, sampler.sample(shots, d) if sampler else ()) for d in docs]
+    return idx, docs, [task.prompt(d, sampler.sample(shots, d) if sampler else ()) for d in docs]
+
+
+def run_generative(model, tokenizer, task: GenerativeTask, shots, limit, seed, batch_size, max_length):
+    idx, docs, prompts = generative_prompts(task, shots, limit, seed)
     stats = RoutingStats()
     gens = generate_until(model, tokenizer, prompts, task.until, task.max_new_tokens, batch_size, max_length, stats)
     records = []

@@ -3,7 +3,9 @@
 * Paired, per example, with bootstrap CIs (:func:`reference_outputs` once for the reference, then :func:`fidelity`:
   one pass per compared model): on multiple-choice tasks the change of the gold continuation's log-likelihood,
   agreement of the chosen answers and KL(reference || model) over the scored continuation tokens; on held-out text
-  the perplexity ratio and the mean per-token KL.
+  the perplexity ratio and the mean per-token KL; on generative (exact-match) tasks, teacher-forced, the change of
+  the gold answer's log-likelihood and KL(reference || model) over its tokens, after the prompt generation starts
+  from.
 * Unpaired helpers on held-out text: :func:`mean_kl` (exact KL of two models in one joint pass) and sliding-window
   :func:`perplexity`; :func:`all_layers_executed` makes a routed model execute every layer (its dense reference).
 """
@@ -27,10 +29,11 @@ from tqdm.auto import tqdm
 from .. import data as _data
 from ..reporting import write_atomic
 from .evaluator import HARNESS_VERSION, choice_record, model_fingerprint, multiple_choice_requests, resolve_shots
-from .requests import model_max_length, pad_token_id, tok_encode
+from .generation import generative_prompts
+from .requests import encode_pair, model_max_length, pad_token_id, tok_encode
 from .results import bootstrap_ci, task_average_ci
 from .scoring import RoutingStats, loglikelihoods, model_device, right_pad
-from .tasks import MultipleChoiceTask, get_task
+from .tasks import GenerativeTask, get_task
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +215,16 @@ def _text_requests(tokenizer, texts: Sequence[str], max_length: int) -> list[tup
 
 
 def _task_requests(tokenizer, name: str, config: dict):
-    """``(records template: (doc ids, docs, per doc request strings) or None for held-out text, encoded requests)``."""
+    """``(records template, encoded requests)``. Template: None for held-out text; a generative task's doc ids (one
+    request per doc: its generation prompt, then the gold answer); a multiple-choice task's (doc ids, docs, per doc
+    request strings)."""
     if name == HELDOUT:
         return None, _text_requests(tokenizer, config["texts"], config["text_max_length"])
     task = get_task(name)
+    if isinstance(task, GenerativeTask):
+        idx, docs, prompts = generative_prompts(task, config["shots"][name], config["limit"], config["seed"])
+        return idx, [encode_pair(tokenizer, p, task.target_delimiter + task.doc_to_target(d))
+                     for p, d in zip(prompts, docs)]
     idx, docs, per_doc, flat = multiple_choice_requests(tokenizer, task, config["shots"][name], config["limit"],
                                                         config["seed"])
     return (idx, docs, per_doc), flat
@@ -230,10 +239,13 @@ def _scores(model, tokenizer, name: str, requests, config: dict, token_fn, stats
 
 
 def _records(name: str, template, out) -> list[dict]:
-    """Per-example records of one pass: per doc (multiple choice; ``template`` from :func:`_task_requests`) or per
-    text (held-out: the summed log-likelihood of its tokens after the first)."""
+    """Per-example records of one pass (``template`` from :func:`_task_requests`): per multiple-choice doc, per
+    generative doc (the gold answer's summed log-likelihood) or per held-out text (the summed log-likelihood of its
+    tokens after the first)."""
     if template is None:
         return [{"task": HELDOUT, "doc_id": j, "loglik": ll} for j, (ll, _) in enumerate(out)]
+    if isinstance(get_task(name), GenerativeTask):
+        return [{"task": name, "doc_id": int(i), "loglik": ll} for i, (ll, _) in zip(template, out)]
     idx, docs, per_doc = template
     task, records, pos = get_task(name), [], 0
     for i, d, reqs in zip(idx, docs, per_doc):
@@ -258,10 +270,11 @@ def reference_outputs(
     topk: int = 64,
     cache: bool = True,
 ) -> ReferenceOutputs:
-    """Run the reference ``model`` (e.g. the dense base) once on multiple-choice ``tasks`` (the requests
-    :func:`evaluate` scores with the same arguments) and on held-out ``texts``, and keep per example what
-    :func:`fidelity` compares against: the log-likelihoods, the chosen answers and per scored token the ``topk``
-    largest log-probabilities with their token ids and the tail mass.
+    """Run the reference ``model`` (e.g. the dense base) once on ``tasks`` and on held-out ``texts``, and keep per
+    example what :func:`fidelity` compares against: the log-likelihoods, the chosen answers and per scored token the
+    ``topk`` largest log-probabilities with their token ids and the tail mass. Multiple-choice tasks: the requests
+    :func:`evaluate` scores with the same arguments; generative tasks: each evaluated doc's gold answer after the
+    prompt :func:`evaluate` generates from (teacher forcing).
 
     cache: read/write each task's outputs under ``<cache_dir()>/eval/reference/``, keyed like :func:`evaluate`'s
         results (model fingerprint, task, shots, limit, seed, share_context, max_length, harness version) plus
@@ -269,9 +282,7 @@ def reference_outputs(
     """
     names = [tasks] if isinstance(tasks, str) else list(tasks)
     for name in names:
-        if not isinstance(get_task(name), MultipleChoiceTask):
-            raise ValueError(f"reference_outputs: {name!r} is a generative task; fidelity covers multiple-choice "
-                             "tasks and held-out texts (compare generative results with compare())")
+        get_task(name)  # unknown names raise, listing the tasks
     if topk < 1 or batch_size < 1:
         raise ValueError(f"reference_outputs needs topk >= 1 and batch_size >= 1, got topk={topk}, "
                          f"batch_size={batch_size}")
@@ -316,7 +327,7 @@ class FidelityResults:
 
     tasks: ``{name: {"metrics": {metric: {value, ci_low, ci_high, n, n_boot}}, "records": [per example],
     "routing": the executed fractions of the model's pass (RoutingStats.summary; {} for a dense model)}}``; multiple-choice metrics ``delta_loglik``, ``agreement``, ``kl``; held-out
-    text ``ppl_ratio``, ``kl`` (and ``ppl``/``ref_ppl`` without a CI).
+    text ``ppl_ratio``, ``kl`` (and ``ppl``/``ref_ppl`` without a CI); generative tasks ``delta_loglik``, ``kl``.
     """
 
     tasks: dict[str, dict]
@@ -342,7 +353,7 @@ class FidelityResults:
         df = self.records_dataframe()
         if "gold" not in df:
             raise ValueError(f"choice_frame: no multiple-choice task among {list(self.tasks)}")
-        df = df[df.task != HELDOUT]
+        df = df[df.gold.notna()]  # held-out texts and generative docs have no gold choice
         df = df.assign(accuracy=(df.chosen == df.gold).astype(float),
                        ref_accuracy=(df.ref_chosen == df.gold).astype(float))
         return df.set_index(["task", "doc_id"])[["accuracy", "ref_accuracy", "kl", "delta_loglik", "agreement"]]
@@ -404,7 +415,9 @@ def fidelity(model, tokenizer, ref: ReferenceOutputs, *, batch_size: int | None 
     Multiple-choice tasks, per doc: ``delta_loglik`` = model - reference log-likelihood of the gold continuation
     (normalised as the task's metric), ``agreement`` = 1 if the model chose the reference's answer, ``kl`` = the
     coarse KL(reference || model) averaged over the doc's scored tokens (then over docs; a lower bound of the exact
-    KL, see the section comment). Held-out text, per text: ``ppl_ratio`` = exp(mean token NLL difference) =
+    KL, see the section comment). Generative tasks, per doc (teacher-forced on the gold answer): ``delta_loglik`` =
+    model - reference summed log-likelihood of the answer, ``kl`` = the coarse KL averaged over its tokens. Held-out
+    text, per text: ``ppl_ratio`` = exp(mean token NLL difference) =
     model / reference perplexity, ``kl`` = the coarse KL averaged over all tokens (token-weighted, as the ratio).
     """
     if n_boot < 1000:
@@ -430,6 +443,10 @@ def fidelity(model, tokenizer, ref: ReferenceOutputs, *, batch_size: int | None 
                        "kl": bootstrap_ci(x_kl, n_boot, seed, _per_token_mean)}
             for m, col in (("ppl", "nll"), ("ref_ppl", "ref_nll")):
                 metrics[m] = {"value": math.exp(sum(r[col] for r in rows) / tok.sum()), "n": len(rows)}
+        elif isinstance(get_task(name), GenerativeTask):
+            rows = [{"task": name, "doc_id": m["doc_id"], "tokens": len(k), "delta_loglik": m["loglik"] - r["loglik"],
+                     "kl": float(k.mean())} for r, m, k in zip(entry["records"], records, kls)]
+            metrics = {m: bootstrap_ci([r[m] for r in rows], n_boot, seed) for m in ("delta_loglik", "kl")}
         else:
             rows = _choice_fidelity(name, entry, records, kls)
             metrics = {m: bootstrap_ci([r[m] for r in rows], n_boot, seed) for m in ("delta_loglik", "agreement", "kl")}

@@ -128,6 +128,14 @@ def bootstrap(x, n_boot: int, rng: np.random.Generator,
     return boot
 
 
+def closer_verdict(ci_low: float, ci_high: float, higher_better: bool) -> str:
+    """Whether a paired difference "a minus b" (95% CI) says ``a`` is closer to the reference than ``b``: ``holds``
+    (the CI says so), ``reversed`` (it says the opposite) or ``unresolved``; ``higher_better``: for accuracy-like
+    metrics (``False`` for a divergence such as KL)."""
+    better, worse = (ci_low > 0, ci_high < 0) if higher_better else (ci_high < 0, ci_low > 0)
+    return "holds" if better else "reversed" if worse else "unresolved"
+
+
 def bootstrap_ci(x, n_boot: int = 2000, seed: int = 0,
                  statistic: Callable[[np.ndarray], np.ndarray] = _mean_over_examples, level: float = 0.95) -> dict:
     """``{"value", "ci_low", "ci_high", "n", "n_boot"}``: ``statistic`` of the examples ``x`` (``[n, ...]``) and its

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
 from ..dynamics import calibrate_per_layer_one_forward
-from ..evaluation import HELDOUT, bootstrap_ci, fidelity, reference_outputs, task_prompts
+from ..evaluation import HELDOUT, bootstrap_ci, closer_verdict, fidelity, reference_outputs, task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            skipped_share, tuned_routers)
 from ..plots import save_figure
@@ -108,11 +108,9 @@ def _paired(settings: dict, base: str, n_boot: int) -> pd.DataFrame:
                     ci = bootstrap_ci(np.stack([x * w, w], -1), n_boot, 0, lambda r: r[..., 0].sum(1) / r[..., 1].sum(1))
                 else:
                     ci = bootstrap_ci(x, n_boot, 0)
-                better = ci["ci_high"] < 0 if metric == "kl" else ci["ci_low"] > 0
-                worse = ci["ci_low"] > 0 if metric == "kl" else ci["ci_high"] < 0
                 rows.append({"router minus": other, "task": task, "metric": metric, "diff": ci["value"],
                              "ci_low": ci["ci_low"], "ci_high": ci["ci_high"], "n": ci["n"],
-                             "router closer to dense": "holds" if better else "reversed" if worse else "unresolved"})
+                             "router closer to dense": closer_verdict(ci["ci_low"], ci["ci_high"], metric != "kl")})
     return pd.DataFrame(rows)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..evaluation import (EvalResults, FidelityResults, ReferenceOutputs, evaluate, fidelity, get_task,
-                          reference_outputs, task_average, task_prompts)
+from ..evaluation import (EvalResults, FidelityResults, ReferenceOutputs, closer_verdict, evaluate, fidelity,
+                          get_task, reference_outputs, task_average, task_prompts)
 from ..experiments import (measure_speedups, profile_settings, routed_copy, router_record, skipped_share,
                            tuned_routers)
 from ..reporting import results_dir, run_info, write_json, write_table
@@ -55,7 +55,7 @@ def timing_pool(tokenizer, tasks, speed: dict):
     few-shot prompt of ``tasks`` (``max(TIMING_SHOTS, prompt_len // 8)`` shots) per timing prompt (seed 1, so not
     the calibration prompts); real task text, since random token ids do not route like text."""
     # MMLU's few-shot pool is per subject (5 dev examples), too small for TIMING_SHOTS: time on the other tasks
-    pooled = [t for t in tasks if get_task(t).fewshot_group is None] or list(tasks)
+    pooled = [t for t in tasks if getattr(get_task(t), "fewshot_group", None) is None] or list(tasks)
     shots = max(TIMING_SHOTS, speed["prompt_len"] // 8)  # the shortest examples (WinoGrande) take 10-20 tokens
     texts = task_prompts(pooled, speed["num_prompts"], seed=1, num_fewshot=shots)
     return text_prompt_pool(tokenizer, texts, speed["num_prompts"], speed["prompt_len"])
@@ -109,9 +109,8 @@ def paired_rows(a, b, n_boot: int) -> list[dict]:
         ci = task_average(d, col, n_boot)
         for task, c in [*ci["tasks"].items(), ("average", ci)]:
             lo, hi = scale * c["ci_low"], scale * c["ci_high"]
-            better, worse = (lo > 0, hi < 0) if higher_better else (hi < 0, lo > 0)
             rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
-                         "ci_high": hi, "verdict": "holds" if better else "reversed" if worse else "unresolved"})
+                         "ci_high": hi, "verdict": closer_verdict(lo, hi, higher_better)})
     return rows
 
 
