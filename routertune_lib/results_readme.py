@@ -331,16 +331,20 @@ def table_table4(r: Results) -> str:
 def table_num_layers(r: Results) -> str:
     df = r.csv("results/05_num_layers/cpu/num_layers.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "n / N": "0" if x["n"] == 0 else f"{x['n']}/{x['layers']}",
-             "avg": num(x["avg"]), **_diff(x, x["n"] == 0), "executed": num(x["executed"], 2)}
-            for x in df.to_dict("records")]
+             "avg": num(x["avg"]), **_diff(x, x["n"] == 0), "KL to dense [95% CI]": _kl(x, x["n"] == 0),
+             "executed": num(x["executed"], 2)} for x in df.to_dict("records")]
     return md(rows, right=("avg", "executed"))
 
 
 def table_half_vs_max(r: Results) -> str:
     df = r.csv("results/05_num_layers/cpu/half_vs_max.csv")
-    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "from": f"{x['n half']}/{x['layers']}", "to": f"{x['n max']}/{x['layers']}",
-             "change [95% CI]": ci(x["max − half"], x["ci_low max − half"], x["ci_high max − half"]),
-             "verdict": verdict(x["ci_low max − half"], x["ci_high max − half"])} for x in df.to_dict("records")]
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "from": f"{x['n half']}/{x['layers']}",
+             "to": f"{x['n max']}/{x['layers']}",
+             "accuracy change [95% CI]": ci(x["max − half"], x["ci_low max − half"], x["ci_high max − half"]),
+             "verdict": verdict(x["ci_low max − half"], x["ci_high max − half"]),
+             "KL change [95% CI]": ci(x["kl max − half"], x["kl ci_low max − half"], x["kl ci_high max − half"], 3),
+             "KL verdict": verdict(x["kl ci_low max − half"], x["kl ci_high max − half"])}
+            for x in df.to_dict("records")]
     return md(rows, right=("from", "to"))
 
 
