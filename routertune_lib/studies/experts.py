@@ -32,11 +32,11 @@ SETTINGS = {  # models, evaluation and timing sizes; the tuning budget comes fro
                              random=dict(num_layers=8, hidden_size=256, intermediate_size=768, num_experts=16,
                                          top_k=4))],
                 tasks=["piqa", "arc_challenge", "openbookqa"], shots=0, limit=120, skip=0.25,
-                speed=dict(batch_size=4, prompt_len=128, num_prompts=4, new_tokens=16, repeats=3)),
+                speed=dict(batch_size=4, prompt_len=128, num_prompts=4, new_tokens=16, repeats=5)),
     "paper": dict(models=[dict(name="OLMoE-1B-7B", paper="OLMoE", hub="allenai/OLMoE-1B-7B-0924"),
                           dict(name="DeepSeek-V2-Lite", paper="DeepSeek-MoE", hub="deepseek-ai/DeepSeek-V2-Lite")],
                   tasks=list(PAPER_TASKS), shots=None, limit=None, skip=0.25,
-                  speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=3)),
+                  speed=dict(batch_size=32, prompt_len=512, num_prompts=64, new_tokens=128, repeats=5)),
 }
 COLORS = {"dense": "gray", "Expert Drop": "tab:orange", "Router-Tuning": "tab:blue"}
 MAX_LOAD = {"assigned_load": "max load, gate (dense)",  # load column -> its per-layer maximum's column
