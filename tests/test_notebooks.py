@@ -56,8 +56,7 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
                 "figure8_max_load_per_layer": sum(len(m["moe_layers"]) for m in models),
                 "figure8_expert_load": sum(len(m["moe_layers"]) * m["num_experts"] for m in models)}
     if notebook == "09_lora":
-        return {"table8": 4, "lora_router_minus_lora": 2 * (len(S["tasks"]) + 1),  # accuracy and KL rows
-                "table8_paper": len(paper.PAPER_TABLE8)}
+        return {"table8": 4, "lora_router_minus_lora": len(S["tasks"]) + 1, "table8_paper": len(paper.PAPER_TABLE8)}
     if notebook == "10_router_dynamics":
         L, docs = len(run["routed_layers"]), S["held_out"]
         return {"score_summary": L, "geometry": L, "calibrated_keep_share": L, "router_scores": L * docs,
