@@ -193,33 +193,21 @@ def table_lm_eval_agreement(r: Results) -> str:
                            "speed-up"))
 
 
-QUICKSTART_METRICS = {"accuracy difference (points)": ("routed − dense accuracy (points)", 1),
-                      "kl": ("KL(dense ‖ routed)", 3), "agreement": ("answer agreement", 3),
-                      "delta_loglik": ("Δ gold log-likelihood", 3)}
-
-
 def table_quickstart_accuracy(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/accuracy.csv")
-    rows = []
-    for x in df.to_dict("records"):
-        name, digits = QUICKSTART_METRICS[x["metric"]]
-        acc = x["metric"] in QUICKSTART_METRICS and not pd.isna(x.get("dense"))
-        rows.append({"task": TASK_NAMES[x["task"]], "metric": name, "n": x["n"],
-                     "dense": num(x["dense"]) if acc else "", "routed": num(x["routed"]) if acc else "",
-                     "value [95% CI]": f"{num(x['value'], digits, acc)} [{num(x['ci_low'], digits, acc)}, "
-                                       f"{num(x['ci_high'], digits, acc)}]",
-                     "verdict": verdict(x["ci_low"], x["ci_high"]) if acc else ""})
-    return md(rows, right=("n", "dense", "routed"))
+    rows = [{"task": f"{TASK_NAMES[x.task]} ({x.metric})", "n": x.n, "dense": num(x.dense), "routed": num(x.routed),
+             "difference [95% CI]": ci(x.diff, x.ci_low, x.ci_high), "verdict": verdict(x.ci_low, x.ci_high),
+             "same answer": f"{num(x.agreement)}%"} for x in df.itertuples()]
+    return md(rows, right=("n", "dense", "routed", "same answer"))
 
 
 def table_quickstart_generation(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/generation_speed.csv")
     dense_kv = df.kv_bytes.iloc[0]
-    rows = [{"setting": x["setting"], "prompt tokens": x["prompt_len"], "new tokens": x["new_tokens"],
-             "skipped share": num(x["skipped_share"], 3), "speed-up [95% CI]": _speed_ci(x, "speedup", "_", 2),
-             "FLOP fraction": num(x["flop_fraction"], 3), "KV cache": num(x["kv_bytes"] / dense_kv, 3)}
-            for x in df.to_dict("records")]
-    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "FLOP fraction", "KV cache"))
+    rows = [{"setting": x.setting, "prompt tokens": x.prompt_len, "new tokens": x.new_tokens,
+             "skipped share": num(x.skipped_share, 3), "speed-up": times(x.speedup),
+             "KV cache": num(x.kv_bytes / dense_kv, 3)} for x in df.itertuples()]
+    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "speed-up", "KV cache"))
 
 
 def _diff(x: dict, dense: bool) -> dict:
@@ -586,8 +574,6 @@ VALUES = {
                                           ["router_record"]["steps"]),
     "quickstart-steps": lambda r: str(int(_train_log(r).step.max())),
     "quickstart-tuning-s": lambda r: seconds(_train_log(r).elapsed_s.iloc[-1]),
-    "quickstart-executed-eval": lambda r: "{:.1%}".format(
-        r.json("results/00_quickstart/cpu/run.json")["eval_routing"]["overall"]),
     "quickstart-skipped-timing": lambda r: "{:.1%}".format(_cell(
         r, "results/00_quickstart/cpu/generation_speed.csv", "skipped_share", setting="routed (real)")),
     "training-cost-capacity": _training_cost_capacity,
