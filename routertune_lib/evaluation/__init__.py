@@ -58,8 +58,8 @@ __all__ = [
     "FORWARD_COST_TOKENS", "GEN_TASKS", "HARNESS_VERSION", "HELDOUT", "MC_TASKS", "PAPER_TASKS", "TASK_REGISTRY",
     "EvalResults", "FewshotSampler", "FidelityResults", "GenerativeTask", "MultipleChoiceTask", "ReferenceOutputs",
     "RoutingStats", "TaskResult", "all_layers_executed", "bootstrap_ci", "build_requests", "choice_agreement",
-    "closer_verdict", "compare", "encode_pair", "evaluate", "fewshot_sampler", "fidelity", "generate_until", "get_task",
-    "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint", "normalize_answer", "perplexity",
+    "closer_verdict", "compare", "encode_pair", "evaluate", "fewshot_sampler", "fidelity", "generate_until",
+    "get_task", "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint", "normalize_answer", "perplexity",
     "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_average",
     "task_average_ci", "task_docs", "task_prompts", "tok_encode",
 ]
