@@ -12,7 +12,7 @@ from ..paper import PAPER_TABLE2
 from ..plots import diff_bars, save_figure
 from ..routing import RouterConfig
 from .protocol import (CAPACITY, Study, dense_row, mindskip_config, reference_for, score_row, shots_label,
-                       timing_pool, tuned_run)
+                       task_means, timing_pool, tuned_run)
 
 NAME = "01_granularity"
 SETTINGS = {  # evaluation and timing sizes; model + tuning budget come from experiments.PROFILES (shared by notebooks)
@@ -75,15 +75,13 @@ def _table2(runs: dict, S: dict, N: int) -> pd.DataFrame:
     rows = []
     for name in ["dense", *runs]:
         p, run = PAPER_TABLE2[name], runs.get(name)
-        docs = (some if run is None else run.results).choice_frame()
-        acc = docs.ref_accuracy if run is None else docs.accuracy
+        means = task_means(some).ref_accuracy if run is None else task_means(run.results).accuracy  # per task
         cells = dense_row(some) if run is None else score_row(run.results, S["n_boot"], N)
         row = {"setting": name, **speedup_cells(None if run is None else run.speed), "speedup (paper)": p["speedup"],
                "flop_fraction": 1.0 if run is None else run.speed.flop_fraction}
         for t in tasks:
-            row[t], row[f"{t} (paper)"] = 100 * acc[t].mean(), p.get(t)
-        row.update({"avg": 100 * np.mean([acc[t].mean() for t in tasks]),
-                    "avg (paper, same tasks)": paper_tasks_mean(p, tasks),
+            row[t], row[f"{t} (paper)"] = 100 * means[t], p.get(t)
+        row.update({"avg": cells["avg"], "avg (paper, same tasks)": paper_tasks_mean(p, tasks),
                     **{k: v for k, v in cells.items() if k != "avg"},
                     "diff (paper, same tasks)": paper_tasks_mean(p, tasks) - paper_dense_avg,
                     "avg (paper, 8 tasks)": p["avg"],
