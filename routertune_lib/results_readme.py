@@ -287,16 +287,20 @@ def table_figure3(r: Results) -> str:
     names = {"dense": "dense", "router": "Router-Tuning", "attn_drop": "Attention Drop"}
     rows = [{"setting": names[x["method"]] + ("" if x["method"] == "dense" else f", {x['target skip']:.1%}"),
              "exact match": num(x["exact match"]), **_diff(x, x["method"] == "dense"),
-             "skipped share": num(x["skipped share (generation)"], 3), "speed-up": times(x["speed-up"]),
+             "KL to dense [95% CI]": _kl(x, x["method"] == "dense"),
+             "skipped share": num(x["skipped share (generation)"], 3),
+             "speed-up [95% CI]": _speed_ci(x, "speed-up", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
              "KV cache": num(x["kv ratio"], 3), "paper": num(x["exact match (paper)"])} for x in df.to_dict("records")]
-    return md(rows, right=("exact match", "skipped share", "speed-up", "KV cache", "paper"))
+    return md(rows, right=("exact match", "skipped share", "FLOP fraction", "KV cache", "paper"))
 
 
 def table_figure3_router_minus_drop(r: Results) -> str:
     df = r.csv("results/03_generation_vs_attention_drop/cpu/figure3_router_minus_drop.csv")
-    rows = [{"skipped": f"{x['target skip']:.1%}",
-             "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-             "verdict": verdict(x["ci_low"], x["ci_high"]), "paper": num(x["diff (paper)"], 1, True)}
+    rows = [{"skipped": f"{x['target skip']:.1%}", "metric": x["metric"],
+             "router minus drop [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"],
+                                              1 if x["metric"] == "exact match" else 3),
+             "router closer to dense": x["verdict"],
+             "paper": "" if pd.isna(x["diff (paper)"]) else num(x["diff (paper)"], 1, True)}
             for x in df.to_dict("records")]
     return md(rows, right=("skipped", "paper"))
 

@@ -35,7 +35,7 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
                 "router_minus_baselines": 2 * (len(S["capacities"]) - 1) * per_pair,
                 "figure2_router_minus_drop": 2 * per_pair, "figure4_skip_ratio": len(run["routed_layers"])}
     if notebook == "03_generation_vs_attention_drop":
-        return {"figure3": 1 + 2 * len(generation.SKIPS), "figure3_router_minus_drop": len(generation.SKIPS)}
+        return {"figure3": 1 + 2 * len(generation.SKIPS), "figure3_router_minus_drop": 3 * len(generation.SKIPS)}
     if notebook == "04_training_cost":
         return {"table4": 3, "table4_paper": len(paper.PAPER_TABLE4)}
     if notebook == "05_num_layers":
