@@ -77,7 +77,7 @@ class FewshotSampler:
         self.task, self.pool, self.exclude = task, pool, exclude_eval_doc
         self.rnd = random.Random(seed)
         self.groups: dict[str, list[dict]] = defaultdict(list)
-        if getattr(task, "fewshot_group", None):
+        if task.fewshot_group:
             for d in pool:
                 self.groups[task.fewshot_group(d)].append(d)
 
@@ -86,7 +86,7 @@ class FewshotSampler:
             return []
         group = self.task.fewshot_group(doc) if self.groups else None
         pool = self.groups[group] if self.groups else self.pool
-        first_n = getattr(self.task, "fewshot_sampler", "default") == "first_n"
+        first_n = self.task.fewshot_sampler == "first_n"
         if first_n and self.exclude:
             pool = [x for x in pool if x != doc]
         drawn = n + 1 if self.exclude and not first_n else n  # lm-eval draws one more and drops the evaluated doc

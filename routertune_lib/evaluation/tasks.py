@@ -116,6 +116,7 @@ class GenerativeTask:
 
     load: split name (``"eval"``/``"fewshot"``) -> list of docs; extract: generated text -> answer string;
     doc_to_answer: doc -> gold answer string (both compared after :func:`normalize_answer`).
+    fewshot_sampler, fewshot_group: as for :class:`MultipleChoiceTask` (no generative task groups its pool today).
     """
 
     name: str
@@ -132,6 +133,8 @@ class GenerativeTask:
     fewshot_delimiter: str = "\n\n"
     output_type: str = "generate_until"
     fewshot_from_eval: bool = False  # few-shot pool is the evaluated split (the evaluated doc is excluded)
+    fewshot_sampler: str = "default"
+    fewshot_group: Callable[[dict], str] | None = None
     version: str = "2"  # in the results-cache key; 2: records carry the routing statistics of the generation
 
     def prompt(self, doc: dict, fewshot: Sequence[dict] = ()) -> str:

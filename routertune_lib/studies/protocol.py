@@ -55,7 +55,7 @@ def timing_pool(tokenizer, tasks, speed: dict):
     few-shot prompt of ``tasks`` (``max(TIMING_SHOTS, prompt_len // 8)`` shots) per timing prompt (seed 1, so not
     the calibration prompts); real task text, since random token ids do not route like text."""
     # MMLU's few-shot pool is per subject (5 dev examples), too small for TIMING_SHOTS: time on the other tasks
-    pooled = [t for t in tasks if getattr(get_task(t), "fewshot_group", None) is None] or list(tasks)
+    pooled = [t for t in tasks if get_task(t).fewshot_group is None] or list(tasks)
     shots = max(TIMING_SHOTS, speed["prompt_len"] // 8)  # the shortest examples (WinoGrande) take 10-20 tokens
     texts = task_prompts(pooled, speed["num_prompts"], seed=1, num_fewshot=shots)
     return text_prompt_pool(tokenizer, texts, speed["num_prompts"], speed["prompt_len"])
