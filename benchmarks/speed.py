@@ -37,10 +37,9 @@ from routertune_lib.models import load_model, tiny_random_model
 from routertune_lib.moe import (attach_expert_drop, expert_drop_plan, expert_router_config, expert_statistics,
                                 tiny_random_moe)
 from routertune_lib.reporting import run_info, write_atomic, write_json, write_table
-from routertune_lib.routing import RouterConfig, RoutingContext, RoutingTrace, attach_routers, routed_layers, \
-    set_thresholds
+from routertune_lib.routing import RouterConfig, attach_routers, routed_layers
 from routertune_lib.speed import compare_settings, median_ci, prompt_pool
-from routertune_lib.training import threshold_for, calibrate_thresholds
+from routertune_lib.training import calibrate_thresholds
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS, LEVELS = ("attn", "mlp", "block"), ("sequence", "token")
@@ -66,34 +65,6 @@ def shared_copy(model):
     return copy.deepcopy(model, memo)
 
 
-@torch.no_grad()
-def calibrate_in_one_pass(model, pool: torch.Tensor, capacity: float) -> None:
-    """Per-layer thresholds such that every routed layer executes ``round(capacity * n)`` of its ``n`` inputs of
-    ``pool`` ``[P, T]`` (one batch, no padding): what ``calibrate_thresholds(per_layer=True)`` sets, in one forward
-    instead of one per routed layer. Just before a routed layer runs, a pre-hook runs it once more on the same input
-    to read its router scores (``output.routing``'s trace), and sets its threshold from them."""
-    busy = []
-
-    def pre(layer, args, kwargs):
-        if busy:  # the probe call itself
-            return
-        probe = RoutingTrace()
-        busy.append(True)
-        try:
-            layer(*args, **{**kwargs, "routing_context": RoutingContext("real", None, probe)})
-        finally:
-            busy.pop()
-        decision = probe.decisions[-1]
-        set_thresholds(model, {decision.layer: threshold_for(decision.score[decision.weight > 0], capacity)})
-
-    handles = [layer.register_forward_pre_hook(pre, with_kwargs=True) for layer in routed_layers(model).values()]
-    try:
-        model(input_ids=pool.to(next(model.parameters()).device), use_cache=False, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def dense_settings(model, pool: torch.Tensor, args) -> dict:
     """``{name: (model, mode)}``: dense, each target x level routed (real, masked), static drop of each target."""
     n = args.num_layers or _half_even(model.config.num_hidden_layers)
@@ -104,7 +75,7 @@ def dense_settings(model, pool: torch.Tensor, args) -> dict:
             routed = attach_routers(shared_copy(model), RouterConfig(target=target, level=level, num_layers=n,
                                                                      capacity=args.capacity))
             randomize_routers(routed, args.seed)
-            calibrate_in_one_pass(routed, pool, args.capacity)
+            calibrate_thresholds(routed, [{"input_ids": pool}], args.capacity, per_layer=True)
             layers = list(routed_layers(routed))
             settings[f"{target}_{level}"] = (routed, "real")
             if args.masked:

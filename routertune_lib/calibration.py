@@ -27,6 +27,14 @@ def _router_scores(model: nn.Module, mode: str, batches: list[dict]) -> dict[int
     return {i: torch.cat(s) for i, s in scores.items()}
 
 
+def _one_batch(batches: list[dict]) -> dict[str, torch.Tensor]:
+    """``batches`` concatenated, each right-padded (mask 0) to the longest: padding after a row's tokens changes
+    neither the positions nor the attention of its real tokens, so every row routes as in its own batch."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    return {k: torch.cat([nn.functional.pad(b[k], (0, T - b[k].shape[1])) for b in batches])
+            for k in ("input_ids", "attention_mask")}
+
+
 def threshold_for(scores: torch.Tensor, capacity: float) -> float:
     """Midway between the ``k``-th and ``(k+1)``-th largest score, ``k = round(capacity * n)`` (at least 1):
     ``score >= t`` then holds for exactly ``k`` of these scores when there are no ties, and float noise of a
@@ -52,9 +60,12 @@ def calibrate_thresholds(
     data: conversations or plain texts (with ``tokenizer``; batched by ``batch_size``; e.g.
         ``evaluation.task_prompts`` to calibrate on the kind of text an evaluation routes) or batches
         ``{"input_ids": [B, T], "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per real token (token level).
-    per_layer=True: layers are calibrated in order, each on a forward where the layers before it already use their new
-        thresholds, so every routed layer executes exactly ``round(capacity * n)`` of its ``n`` inputs on ``data``
-        (barring tied scores). One forward pass over ``data`` per routed layer.
+    per_layer=True: layers are calibrated in order, each from its scores on a forward where the layers before it
+        already use their new thresholds, so every routed layer executes exactly ``round(capacity * n)`` of its ``n``
+        inputs on ``data`` (barring tied scores). One forward: all of ``data`` runs as one batch (the batches
+        right-padded to the longest, which changes no real token's computation), and each routed layer sets its
+        threshold just before it decides (``RoutingContext.calibrate``); memory grows with ``len(data)`` x the
+        longest input, logits are computed for the last position only.
     per_layer=False: one threshold for all layers, the pooled quantile of all layers' scores, re-estimated for
         ``rounds`` passes (skipping upstream changes downstream scores); the executed fraction over all routed
         layers is then close to, not exactly, ``capacity``, and individual layers differ.
@@ -71,9 +82,16 @@ def calibrate_thresholds(
     try:
         if per_layer:
             thresholds = {}
-            for i in layers:
-                thresholds[i] = threshold_for(_router_scores(model, mode, batches)[i], capacity)
-                set_thresholds(base, {i: thresholds[i]})
+            b = _one_batch(batches)
+            ctx = RoutingContext(mode, b["attention_mask"], RoutingTrace(), calibrate=lambda i, scores: thresholds.
+                                 setdefault(i, threshold_for(scores.float().cpu(), capacity)))
+            with torch.no_grad():
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
+                      use_cache=False, logits_to_keep=1)
+            missing = sorted(set(layers) - set(thresholds))
+            if missing:
+                raise RuntimeError(f"routed layers {missing} did not decide in the calibration forward")
+            set_thresholds(base, thresholds)  # already set by the layers; this records them in the config
         else:
             for _ in range(rounds):
                 t = threshold_for(torch.cat(list(_router_scores(model, mode, batches).values())), capacity)

@@ -28,8 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .evaluation import closer_verdict, tok_encode
 from .experiments import conversation_batches
-from .routing import RoutingContext, RoutingTrace, routed_layers, set_thresholds
-from .training import threshold_for
+from .routing import RoutingContext, RoutingTrace, routed_layers
 
 
 @dataclass
@@ -204,53 +203,6 @@ def replace_orthogonal_part(model, centroids: dict[int, torch.Tensor], kind: str
             r = r - (r @ u) * u
             new = w_par + r / r.norm() * (w0 - w_par).norm()
         w.data.copy_(new.to(w.dtype)[None])
-
-
-@torch.no_grad()
-def calibrate_per_layer_one_forward(model, data, capacity: float, tokenizer=None,
-                                    max_length: int = 2048) -> dict[int, float]:
-    """``training.calibrate_thresholds(per_layer=True)`` in one forward instead of one per routed layer; returns and
-    sets ``{layer: threshold}``.
-
-    All of ``data`` (texts or conversations with ``tokenizer``, or one ``{input_ids, attention_mask}`` batch) runs as
-    one right-padded batch. A forward pre-hook on each routed layer scores the batch with that layer's own norm and
-    router (the score ``_decide`` computes), and sets the layer's threshold with the same quantile rule just before
-    the layer decides. Layers before it already run with their new thresholds, exactly as in the layer-by-layer
-    version, so the thresholds agree with it up to float noise; compute is one padded forward (memory grows with
-    ``len(data)`` x the longest sequence).
-    """
-    if not 0.0 < capacity <= 1.0:
-        raise ValueError(f"capacity must be in (0, 1], got {capacity!r}")
-    layers = _routers(model)
-    items = list(data)
-    batches = conversation_batches(items, tokenizer, max_length, max(len(items), 1), next(model.parameters()).device)
-    if len(batches) != 1:
-        raise ValueError(f"calibrate_per_layer_one_forward needs texts, conversations or a single batch, got "
-                         f"{len(batches)} batches")
-    (b,) = batches
-    real = b["attention_mask"].float()  # [B, T]
-    thresholds: dict[int, float] = {}
-
-    def hook(i, layer):
-        def set_threshold(module, args, kwargs):
-            h = kwargs.get("hidden_states", args[0] if args else None)  # [B, T, d]
-            logits = layer.router(layer.get_submodule(layer.routing.arch.pre_attn_norm)(h)).squeeze(-1).float()
-            score = torch.sigmoid((logits * real).sum(1) / real.sum(1).clamp_min(1.0))  # [B]
-            thresholds[i] = threshold_for(score.cpu(), capacity)
-            set_thresholds(model, {i: thresholds[i]})
-
-        return set_threshold
-
-    handles = [layer.register_forward_pre_hook(hook(i, layer), with_kwargs=True) for i, layer in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return thresholds
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ least important experts up to a target skipping ratio.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pandas as pd
 import torch
@@ -183,6 +183,8 @@ class ExpertRoutingMixin:
         score = None
         if self.router is not None:
             score = torch.sigmoid(self.router(hidden_states).float()).gather(1, top_k_index)  # [N, k]
+            if ctx.calibrate is not None:  # calibration: this layer's threshold from its real tokens' pairs
+                r = self.routing = replace(r, threshold=ctx.calibrate(r.layer_idx, score[tokens].flatten()))
             hard = score >= r.threshold
         else:
             dropped = torch.tensor(r.dropped_experts, dtype=top_k_index.dtype, device=top_k_index.device)

@@ -88,7 +88,7 @@ def install(record: str, models_dir: str | None = None) -> None:
     reference_outputs, fidelity, document_kl = evaluation.reference_outputs, evaluation.fidelity, dynamics.document_kl
     # unlabelled-prompt passes (importance, calibration, executed fractions): the first CHECK_DOCS prompts / one batch
     importance, calibrate = baselines.module_importance, calibration.calibrate_thresholds
-    one_forward, fractions = dynamics.calibrate_per_layer_one_forward, experiments.executed_fractions
+    fractions = experiments.executed_fractions
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
@@ -166,7 +166,7 @@ def install(record: str, models_dir: str | None = None) -> None:
                               (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
                               (fidelity, check_fidelity), (document_kl, check_document_kl),
                               (importance, first(importance, 1)), (calibrate, first(calibrate, CHECK_DOCS)),
-                              (one_forward, first(one_forward, CHECK_DOCS)), (fractions, first(fractions, CHECK_DOCS))):
+                              (fractions, first(fractions, CHECK_DOCS))):
         _replace_everywhere(original, patched)
 
 

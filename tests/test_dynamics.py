@@ -7,14 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from routertune_lib.dynamics import (LayerInputs, calibrate_per_layer_one_forward, capacity_jumps,
+from routertune_lib.dynamics import (LayerInputs, capacity_jumps,
                                      capacity_trajectory, decompose, document_kl, fidelity_table, paired_difference,
                                      replace_orthogonal_part, router_inputs, router_score_distributions,
                                      weight_geometry)
 from routertune_lib.evaluation import mean_kl
 from routertune_lib.experiments import randomize_routers
 from routertune_lib.routing import RouterConfig, attach_routers, routed_layers, set_thresholds
-from routertune_lib.training import calibrate_thresholds
 
 from conftest import tiny_model
 
@@ -176,15 +175,3 @@ def test_capacity_trajectory_and_jumps(tmp_path):
         capacity_trajectory(bad)
 
 
-@pytest.mark.parametrize("capacity", [0.4, 0.8])
-def test_one_forward_calibration_equals_layer_by_layer(capacity):
-    a, b = routed_tiny(seed=2), routed_tiny(seed=2)
-    data = batches(a)
-    expected = calibrate_thresholds(a, data, capacity=capacity, per_layer=True)
-    got = calibrate_per_layer_one_forward(b, data, capacity)
-    assert sorted(got) == sorted(expected)
-    for i in expected:
-        assert got[i] == pytest.approx(expected[i], abs=1e-6)
-        assert routed_layers(b)[i].routing.threshold == pytest.approx(expected[i], abs=1e-6)
-    with pytest.raises(ValueError, match="single batch"):
-        calibrate_per_layer_one_forward(b, data * 2, capacity)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from _two_process_train import TRAIN, conversations, tiny_tokenizer
 from conftest import left_padded_batch, tiny_model
+from test_training import _layer_by_layer
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from routertune_lib.evaluation import model_fingerprint
@@ -88,6 +89,24 @@ def test_zero_routers_are_the_original_moe_model(family, implementation, batch):
     assert set(model.state_dict()) == keys
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_layer_calibration_in_one_forward_equals_layer_by_layer(family, batch):
+    """Expert routers calibrate in one forward (each layer from its real tokens' (token, expert) pairs) to the
+    thresholds of one pass per layer."""
+    ids, mask = batch
+    found = {}
+    for how in ("one forward", "layer by layer"):
+        model = tiny_moe(family)
+        attach_routers(model, expert_router_config(model))
+        g = torch.Generator().manual_seed(0)
+        for m in routed_layers(model).values():
+            m.router.weight.data = torch.randn(m.router.weight.shape, generator=g)
+        data = [{"input_ids": ids, "attention_mask": mask}]
+        found[how] = calibrate_thresholds(model, data, 0.6) if how == "one forward" else _layer_by_layer(model, data,
+                                                                                                         0.6)
+    assert found["one forward"] == pytest.approx(found["layer by layer"], abs=1e-6)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

@@ -24,6 +24,7 @@ from routertune_lib.routing import (
     save_routers,
     set_thresholds,
 )
+from routertune_lib.routing.layer import RoutedLayerMixin
 from routertune_lib.speed import kv_cache_bytes
 from routertune_lib.training import calibrate_thresholds
 
@@ -324,6 +325,38 @@ def test_every_decode_step_keeps_the_prefill_decision(arch, target):
         for d in trace.decisions:
             assert d.score is None, f"layer {d.layer} re-decided at a decode step"  # reused from the cache
             assert torch.equal(d.keep, decided[d.layer])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", ["attn", "block"])
+def test_token_level_decode_steps_with_mixed_rows_run_the_plain_attention(arch, target, monkeypatch):
+    """At a decode step where some rows keep their token, token-level attention runs the module's own attention
+    with skipped rows' output zeroed (no gathers), and generation still equals masked."""
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    mixed_routers(model, ids, mask)
+    gathered, mixed_steps = [], []
+    kept_tokens_path = RoutedLayerMixin._attn_delta_for_tokens
+    step = RoutedLayerMixin._attention_step
+
+    def record_step(self, h, x, gate, *args):
+        if h.shape[1] == 1 and gate is not None and 0 < int(gate.bool().sum()) < h.shape[0]:
+            mixed_steps.append(self.routing.layer_idx)
+        return step(self, h, x, gate, *args)
+
+    monkeypatch.setattr(RoutedLayerMixin, "_attn_delta_for_tokens",
+                        lambda self, x, keep, *a: gathered.append((x.shape[1], bool(keep.any())))
+                        or kept_tokens_path(self, x, keep, *a))
+    monkeypatch.setattr(RoutedLayerMixin, "_attention_step", record_step)
+    with torch.no_grad():
+        with routing_mode(model, "masked"):
+            ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        real = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert mixed_steps, "no decode step had both kept and skipped rows"
+    # the kept-token path ran for prompts, and at decode steps only where every row skips (K/V written, nothing else)
+    assert gathered and all(t > 1 or not kept for t, kept in gathered)
+    assert torch.equal(real, ref)
 
 
 @pytest.mark.parametrize("target", ["attn", "mlp", "block"])

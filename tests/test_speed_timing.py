@@ -15,10 +15,8 @@ import torch
 from conftest import tiny_model
 from routertune_lib import speed
 from routertune_lib.baselines import attach_static_drop
-from routertune_lib.experiments import randomize_routers
-from routertune_lib.routing import RouterConfig, attach_routers, routed_layers
+from routertune_lib.routing import RouterConfig, attach_routers
 from routertune_lib.speed import compare_settings, median_ci
-from routertune_lib.training import calibrate_thresholds
 
 
 def test_median_ci_is_min_max_for_five_rounds_and_order_statistics_beyond():
@@ -103,24 +101,6 @@ def benchmark(name: str = "speed"):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
-
-
-@pytest.mark.parametrize("arch,level", [("llama", "sequence"), ("llama", "token"), ("gemma3", "token")])
-def test_one_pass_calibration_sets_what_per_layer_calibration_sets(arch, level):
-    bench = benchmark()
-    pool = torch.randint(1, 96, (6, 10), generator=torch.Generator().manual_seed(0))
-    found = {}
-    for how in ("one pass", "per layer"):
-        model = attach_routers(tiny_model(arch), RouterConfig(target="block", level=level, num_layers=3))
-        randomize_routers(model, seed=1)
-        if how == "one pass":
-            bench.calibrate_in_one_pass(model, pool, 0.5)
-        else:
-            calibrate_thresholds(model, [{"input_ids": pool}], capacity=0.5, per_layer=True)
-        found[how] = {i: layer.routing.threshold for i, layer in routed_layers(model).items()}
-        counts = model(input_ids=pool, use_cache=False).routing.counts()
-        assert all(e == n / 2 for e, n in counts.values())  # every routed layer executes exactly half
-    assert found["one pass"] == pytest.approx(found["per layer"], abs=1e-6)
 
 
 def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path):

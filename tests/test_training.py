@@ -24,6 +24,7 @@ from routertune_lib.routing import (
     routed_layers,
     set_thresholds,
 )
+from routertune_lib.calibration import _router_scores, threshold_for
 from routertune_lib.training import (
     LoraSettings,
     TrainConfig,
@@ -322,6 +323,34 @@ def test_calibration_hits_the_capacity_per_layer_token_level(capacity):
         assert fraction == pytest.approx(round(capacity * n) / n, abs=1e-9)
     for fraction in _executed(model, [_random_batch(7, 16)]).values():  # held out
         assert abs(fraction - capacity) <= 0.1
+
+
+def _layer_by_layer(model, batches, capacity) -> dict[int, float]:
+    """The reference per-layer calibration: layers in order, each from its scores on a full pass over every batch
+    with the layers before it at their new thresholds (one pass per routed layer)."""
+    thresholds = {}
+    for i in routed_layers(model):
+        thresholds[i] = threshold_for(_router_scores(model, "real", batches)[i], capacity)
+        set_thresholds(model, {i: thresholds[i]})
+    return thresholds
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target, level", [("attn", "sequence"), ("block", "token"), ("mlp", "token")])
+def test_per_layer_calibration_in_one_forward_equals_layer_by_layer(arch, target, level):
+    """Two left-padded batches of different lengths run as one right-extended batch: the thresholds equal those of
+    one pass per layer over the batches as given, and the model is left at them."""
+    calib = [_random_batch(1, 6), _random_batch(2, 5, T=16)]
+    found = {}
+    for how in ("one forward", "layer by layer"):
+        model = attach_routers(tiny_model(arch), RouterConfig(target=target, level=level, num_layers=3))
+        g = torch.Generator().manual_seed(3)
+        for p in router_parameters(model):
+            p.data = torch.randn(p.shape, generator=g)
+        found[how] = (calibrate_thresholds(model, calib, 0.4) if how == "one forward"
+                      else _layer_by_layer(model, calib, 0.4))
+        assert {i: layer.routing.threshold for i, layer in routed_layers(model).items()} == found[how]
+    assert found["one forward"] == pytest.approx(found["layer by layer"], abs=1e-6)
 
 
 def test_calibration_sequence_level_and_global_threshold(tmp_path):

@@ -24,7 +24,7 @@ execution:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -195,6 +195,9 @@ class RoutedLayerMixin:
                 w = tokens.float()
                 logits = (logits * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B]
             score = torch.sigmoid(logits)
+            if ctx.calibrate is not None:  # calibration: this layer's threshold from its scores of the real inputs
+                real = score if r.level == "sequence" else score[tokens]
+                r = self.routing = replace(r, threshold=ctx.calibrate(r.layer_idx, real))
             hard = score >= r.threshold
         if r.level == "token":
             hard = hard & tokens  # padding tokens are never executed
@@ -236,6 +239,12 @@ class RoutedLayerMixin:
             keep = gate.bool()
             if bool(keep.all()):  # every token kept: the plain path, no gather
                 return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
+            if h.shape[1] == 1 and bool(keep.any()):
+                # a decode step where some rows keep their token: the kept-token path would pad to one query per
+                # row anyway, so the plain attention (K/V written for every row, as there) with skipped rows'
+                # output zeroed does the same work without its gathers and mask building
+                delta = self._attn_delta(x, attention_mask, attn_kwargs).masked_fill(~keep[..., None], 0.0)
+                return h + _straight_through(delta, gate)
             return h + _straight_through(self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs), gate)
         rows = gate.bool().nonzero().squeeze(1)  # [K]
         if rows.numel() == h.shape[0]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,12 +73,16 @@ class RoutingContext:
         ``None`` (every token is real).
     training_forward: how a layer whose router is being trained executes, ``masked`` (all inputs, output x STE
         decision) or ``real`` (kept inputs only, output x STE decision); see ``routing.layer``.
+    calibrate: per-layer threshold calibration in one forward (``calibration.calibrate_thresholds``): called by
+        each routed layer, just before it decides, with its index and its router scores of the real inputs (1-D);
+        returns the threshold the layer sets and decides with. Layers before it have already set theirs.
     """
 
     mode: str
     attention_mask: torch.Tensor | None
     trace: RoutingTrace
     training_forward: str = "masked"
+    calibrate: Callable[[int, torch.Tensor], float] | None = None
 
     def __post_init__(self):
         for name in ("mode", "training_forward"):

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..dynamics import calibrate_per_layer_one_forward
 from ..evaluation import HELDOUT, bootstrap_ci, closer_verdict, fidelity, reference_outputs, task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            skipped_share, tuned_routers)
@@ -63,10 +62,7 @@ def run(profile: str) -> Study:
     for name, routed, per_layer in [("router, per-layer threshold", tuned, True),
                                     ("random router, per-layer threshold", random, True),
                                     ("router, global threshold", tuned, False)]:
-        if per_layer:
-            calibrate_per_layer_one_forward(routed, calibration, CAPACITY, tokenizer, CALIB_MAX_LENGTH)
-        else:
-            calibrate(routed, calibration, CAPACITY, False, tokenizer)
+        calibrate(routed, calibration, CAPACITY, per_layer, tokenizer)
         settings[name] = fidelity(routed, tokenizer, ref, n_boot=S["n_boot"])
     for drop in (k, k + 1):
         static = attach_static_drop(copy.deepcopy(model), "attn", least_important(importance, drop, layers))

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..dynamics import calibrate_per_layer_one_forward, document_kl, paired_difference
+from ..dynamics import document_kl, paired_difference
 from ..evaluation import task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            router_record, skipped_share, tuned_routers)
@@ -71,7 +71,7 @@ def run(profile: str) -> Study:
     static = attach_static_drop(copy.deepcopy(model), "attn", least_important(importance, k, layers))
     random = attach_routers(copy.deepcopy(model), RouterConfig(target="attn", level="sequence", layers=layers))
     randomize_routers(random, seed=0)
-    calibrate_per_layer_one_forward(random, calibration, capacity, tokenizer, CALIB_MAX_LENGTH)
+    calibrate(random, calibration, capacity, True, tokenizer)
     baselines = {"static attention drop": static, "random router, per-layer calibration": random}
     kl, executed = document_kl(model, baselines, tokenizer, held_out, batch_size=S["batch_size"])
     del static, random
@@ -86,10 +86,8 @@ def run(profile: str) -> Study:
         routed = {}
         for rule in RULES:
             r = load_routers(copy.deepcopy(model), path)
-            if rule == "per-layer calibration":
-                calibrate_per_layer_one_forward(r, calibration, capacity, tokenizer, CALIB_MAX_LENGTH)
-            elif rule == "global calibration":
-                calibrate(r, calibration, capacity, False, tokenizer)
+            if rule != "threshold 0.5":
+                calibrate(r, calibration, capacity, rule == "per-layer calibration", tokenizer)
             routed[f"{name} | {rule}"] = r
         t, e = document_kl(model, routed, tokenizer, held_out, batch_size=S["batch_size"])
         kl = kl.merge(t, on=["doc", "tokens"])
