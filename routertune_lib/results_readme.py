@@ -193,21 +193,33 @@ def table_lm_eval_agreement(r: Results) -> str:
                            "speed-up"))
 
 
+QUICKSTART_METRICS = {"accuracy difference (points)": ("routed − dense accuracy (points)", 1),
+                      "kl": ("KL(dense ‖ routed)", 3), "agreement": ("answer agreement", 3),
+                      "delta_loglik": ("Δ gold log-likelihood", 3)}
+
+
 def table_quickstart_accuracy(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/accuracy.csv")
-    rows = [{"task": f"{TASK_NAMES[x.task]} ({x.metric})", "n": x.n, "dense": num(x.dense), "routed": num(x.routed),
-             "difference [95% CI]": ci(x.diff, x.ci_low, x.ci_high), "verdict": verdict(x.ci_low, x.ci_high),
-             "same answer": f"{num(x.agreement)}%"} for x in df.itertuples()]
-    return md(rows, right=("n", "dense", "routed", "same answer"))
+    rows = []
+    for x in df.to_dict("records"):
+        name, digits = QUICKSTART_METRICS[x["metric"]]
+        acc = x["metric"] in QUICKSTART_METRICS and not pd.isna(x.get("dense"))
+        rows.append({"task": TASK_NAMES[x["task"]], "metric": name, "n": x["n"],
+                     "dense": num(x["dense"]) if acc else "", "routed": num(x["routed"]) if acc else "",
+                     "value [95% CI]": f"{num(x['value'], digits, acc)} [{num(x['ci_low'], digits, acc)}, "
+                                       f"{num(x['ci_high'], digits, acc)}]",
+                     "verdict": verdict(x["ci_low"], x["ci_high"]) if acc else ""})
+    return md(rows, right=("n", "dense", "routed"))
 
 
 def table_quickstart_generation(r: Results) -> str:
     df = r.csv("results/00_quickstart/cpu/generation_speed.csv")
     dense_kv = df.kv_bytes.iloc[0]
-    rows = [{"setting": x.setting, "prompt tokens": x.prompt_len, "new tokens": x.new_tokens,
-             "skipped share": num(x.skipped_share, 3), "speed-up": times(x.speedup),
-             "KV cache": num(x.kv_bytes / dense_kv, 3)} for x in df.itertuples()]
-    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "speed-up", "KV cache"))
+    rows = [{"setting": x["setting"], "prompt tokens": x["prompt_len"], "new tokens": x["new_tokens"],
+             "skipped share": num(x["skipped_share"], 3), "speed-up [95% CI]": _speed_ci(x, "speedup", "_", 2),
+             "FLOP fraction": num(x["flop_fraction"], 3), "KV cache": num(x["kv_bytes"] / dense_kv, 3)}
+            for x in df.to_dict("records")]
+    return md(rows, right=("prompt tokens", "new tokens", "skipped share", "FLOP fraction", "KV cache"))
 
 
 def _diff(x: dict, dense: bool) -> dict:
@@ -319,16 +331,20 @@ def table_table4(r: Results) -> str:
 def table_num_layers(r: Results) -> str:
     df = r.csv("results/05_num_layers/cpu/num_layers.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "n / N": "0" if x["n"] == 0 else f"{x['n']}/{x['layers']}",
-             "avg": num(x["avg"]), **_diff(x, x["n"] == 0), "executed": num(x["executed"], 2)}
-            for x in df.to_dict("records")]
+             "avg": num(x["avg"]), **_diff(x, x["n"] == 0), "KL to dense [95% CI]": _kl(x, x["n"] == 0),
+             "executed": num(x["executed"], 2)} for x in df.to_dict("records")]
     return md(rows, right=("avg", "executed"))
 
 
 def table_half_vs_max(r: Results) -> str:
     df = r.csv("results/05_num_layers/cpu/half_vs_max.csv")
-    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "from": f"{x['n half']}/{x['layers']}", "to": f"{x['n max']}/{x['layers']}",
-             "change [95% CI]": ci(x["max − half"], x["ci_low max − half"], x["ci_high max − half"]),
-             "verdict": verdict(x["ci_low max − half"], x["ci_high max − half"])} for x in df.to_dict("records")]
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "from": f"{x['n half']}/{x['layers']}",
+             "to": f"{x['n max']}/{x['layers']}",
+             "accuracy change [95% CI]": ci(x["max − half"], x["ci_low max − half"], x["ci_high max − half"]),
+             "verdict": verdict(x["ci_low max − half"], x["ci_high max − half"]),
+             "KL change [95% CI]": ci(x["kl max − half"], x["kl ci_low max − half"], x["kl ci_high max − half"], 3),
+             "KL verdict": verdict(x["kl ci_low max − half"], x["kl ci_high max − half"])}
+            for x in df.to_dict("records")]
     return md(rows, right=("from", "to"))
 
 
@@ -336,17 +352,20 @@ def table_table5(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "routed layers": f"{x['routed layers']} of {x['layers']}",
              "dense": num(x["dense"]), "routed": num(x["routed"]), **_diff(x, False),
-             "executed": num(x["executed"], 2), "speed-up": times(x["speedup"]), "KV cache": num(x["kv ratio"], 2)}
+             "KL to dense [95% CI]": _kl(x, False), "executed": num(x["executed"], 2),
+             "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
+             "KV cache": num(x["kv ratio"], 2)}
             for x in df.to_dict("records")]
-    return md(rows, right=("routed layers", "dense", "routed", "executed", "speed-up", "KV cache"))
+    return md(rows, right=("routed layers", "dense", "routed", "executed", "FLOP fraction", "KV cache"))
 
 
 def table_table5_tasks(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5_tasks.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "task": TASK_NAMES.get(x["task"], x["task"]),
-             "dense": num(x["a"]), "routed": num(x["b"]), "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-             "verdict": verdict(x["ci_low"], x["ci_high"])} for x in df.to_dict("records")]
-    return md(rows, right=("dense", "routed"))
+             "n": x["n"], "dense": num(x["dense"]), "routed": num(x["routed"]),
+             "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]), "verdict": verdict(x["ci_low"], x["ci_high"]),
+             "KL to dense [95% CI]": _kl(x, False), "agreement": num(x["agreement"])} for x in df.to_dict("records")]
+    return md(rows, right=("n", "dense", "routed", "agreement"))
 
 
 def table_table6(r: Results) -> str:
@@ -355,6 +374,7 @@ def table_table6(r: Results) -> str:
              "offline-mix:sciq": "SciQ"}
     rows = [{"data / samples": "dense" if x["setting"] == "dense" else f"{names.get(x['source'], x['source'])} / {x['samples']}",
              "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
+             "KL to dense [95% CI]": _kl(x, x["setting"] == "dense"),
              "steps": "" if x["setting"] == "dense" else x["steps"],
              "capacity at the end of training": "" if x["setting"] == "dense" else num(x["train capacity"], 2),
              "executed in evaluation": num(x["executed"], 2)} for x in df.to_dict("records")]
@@ -381,18 +401,21 @@ def table_table8(r: Results) -> str:
     df = r.csv("results/09_lora/cpu/table8.csv")
     names = {"dense": "dense", "router": "Router-Tuning", "lora": "LoRA", "lora_router": "LoRA + Router-Tuning"}
     rows = [{"setting": names[x["setting"]], "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
-             "speed-up": times(x["speedup"]), "executed": num(x["executed"], 2),
+             "KL to its base [95% CI]": _kl(x, x["setting"] == "dense"),
+             "base": "" if x["setting"] == "dense" else names[x["kl to"]],
+             "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
+             "executed": num(x["executed"], 2),
              "paper (Llama-3-8B)": f"{num(x['avg (paper, Llama-3-8B)'])} ({times(x['speedup (paper, Llama-3-8B)'])})"}
             for x in df.to_dict("records")]
-    return md(rows, right=("avg", "speed-up", "executed", "paper (Llama-3-8B)"))
+    return md(rows, right=("avg", "FLOP fraction", "executed", "paper (Llama-3-8B)"))
 
 
 def table_lora_router_minus_lora(r: Results) -> str:
     df = r.csv("results/09_lora/cpu/lora_router_minus_lora.csv")
-    rows = [{"task": TASK_NAMES.get(x["task"], x["task"]), "LoRA": num(x["a"]), "LoRA + Router-Tuning": num(x["b"]),
-             "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]), "verdict": verdict(x["ci_low"], x["ci_high"])}
-            for x in df.to_dict("records")]
-    return md(rows, right=("LoRA", "LoRA + Router-Tuning"))
+    rows = [{"task": TASK_NAMES.get(x["task"], x["task"]), "metric": x["metric"], "n": x["n"],
+             "difference [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"], 1 if x["metric"] == "accuracy" else 3),
+             "verdict": x["verdict"]} for x in df.to_dict("records")]
+    return md(rows, right=("n",))
 
 
 def table_task_selection(r: Results) -> str:
@@ -574,6 +597,8 @@ VALUES = {
                                           ["router_record"]["steps"]),
     "quickstart-steps": lambda r: str(int(_train_log(r).step.max())),
     "quickstart-tuning-s": lambda r: seconds(_train_log(r).elapsed_s.iloc[-1]),
+    "quickstart-executed-eval": lambda r: "{:.1%}".format(
+        r.json("results/00_quickstart/cpu/run.json")["eval_routing"]["overall"]),
     "quickstart-skipped-timing": lambda r: "{:.1%}".format(_cell(
         r, "results/00_quickstart/cpu/generation_speed.csv", "skipped_share", setting="routed (real)")),
     "training-cost-capacity": _training_cost_capacity,
@@ -584,7 +609,8 @@ VALUES = {
     "figure4": _figure4,
     "figure3-layers": _figure3_layers,
     "moe-max-load": _moe_max_load,
-    "lora-router-minus-lora": lambda r: _ci_row(r, "results/09_lora/cpu/lora_router_minus_lora.csv", task="average"),
+    "lora-router-minus-lora": lambda r: _ci_row(r, "results/09_lora/cpu/lora_router_minus_lora.csv", task="average",
+                                                metric="accuracy"),
 }
 
 
