@@ -36,8 +36,8 @@ def test_edited_number_is_detected_and_regenerated(tmp_path, capsys):
 
 def test_table_block_names_its_sources():
     out = rr.render("<!-- table:quickstart-accuracy -->old<!-- /table -->")
-    assert "Source: `results/00_quickstart/cpu/accuracy.csv`." in out and "old" not in out
-    assert "| ARC-Easy (acc_norm) | 200 |" in out
+    assert "Source: `results/00_quickstart/cpu/accuracy.csv`." in out and "-->old<!--" not in out
+    assert "| ARC-Easy | routed − dense accuracy (points) | 200 |" in out
 
 
 @pytest.mark.parametrize("text, message", [
