@@ -57,9 +57,10 @@ def calibrate_thresholds(
 ) -> dict[int, float]:
     """Set router thresholds so the executed fraction on ``data`` equals ``capacity``; returns ``{layer: threshold}``.
 
-    data: conversations or plain texts (with ``tokenizer``; batched by ``batch_size``; e.g.
+    data: conversations or plain texts (with ``tokenizer``; batched by ``batch_size`` for the global threshold; e.g.
         ``evaluation.task_prompts`` to calibrate on the kind of text an evaluation routes) or batches
-        ``{"input_ids": [B, T], "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per real token (token level).
+        ``{"input_ids": [B, T], "attention_mask": [B, T]}``. Scores are counted per sequence (sequence level) or per
+        real token (token level).
     per_layer=True: layers are calibrated in order, each from its scores on a forward where the layers before it
         already use their new thresholds, so every routed layer executes exactly ``round(capacity * n)`` of its ``n``
         inputs on ``data`` (barring tied scores). One forward: all of ``data`` runs as one batch (the batches
@@ -83,8 +84,8 @@ def calibrate_thresholds(
         if per_layer:
             thresholds = {}
             b = _one_batch(batches)
-            ctx = RoutingContext(mode, b["attention_mask"], RoutingTrace(), calibrate=lambda i, scores: thresholds.
-                                 setdefault(i, threshold_for(scores.float().cpu(), capacity)))
+            at_capacity = lambda i, scores: thresholds.setdefault(i, threshold_for(scores.float().cpu(), capacity))
+            ctx = RoutingContext(mode, b["attention_mask"], RoutingTrace(), calibrate=at_capacity)
             with torch.no_grad():
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
                       use_cache=False, logits_to_keep=1)
