@@ -14,7 +14,8 @@ LLM-Drop importance among the routed layers: the ceiling of the routed speed-up 
 random OLMoE-architecture model (notebook 08's cpu setting) with random expert routers calibrated to
 ``--moe-capacity`` of the assignments, and Expert Drop of the same share. Timing: ``speed.compare_settings``
 (warm-up, interleaved rounds, medians, CIs of per-round ratios, CPU time, FLOP fractions); all settings of a model
-share its weights. Results: ``<out>/<name>.{csv,md,json}``, ``<out>/<name>_summary.md`` and ``<out>/run.json``.
+share its weights (``--copy-controls`` adds two dense copies as null controls). Results:
+``<out>/<name>.{csv,md,json}``, ``<out>/<name>_summary.md`` and ``<out>/run.json``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def dense_settings(model, pool: torch.Tensor, args) -> dict:
     """``{name: (model, mode)}``: dense, each target x level routed (real, masked), static drop of each target."""
     n = args.num_layers or _half_even(model.config.num_hidden_layers)
     settings = {"dense": (model, None)}
+    if args.copy_controls:  # null controls, 1.0x by construction up to memory placement
+        settings["dense (deep copy)"] = (copy.deepcopy(model), None)  # fresh weight tensors, as notebooks' copies
+        settings["dense (shared copy)"] = (shared_copy(model), None)  # new modules over the same tensors
     layers = None
     for target in args.targets:
         for level in args.levels:
@@ -131,7 +135,8 @@ def load(name: str, args):
 def settings_count(args, moe: bool) -> int:
     if moe:
         return 2 + args.masked + args.static
-    return 1 + len(args.targets) * len(args.levels) * (1 + args.masked) + args.static * len(args.targets)
+    return (1 + 2 * args.copy_controls + len(args.targets) * len(args.levels) * (1 + args.masked)
+            + args.static * len(args.targets))
 
 
 def estimate_seconds(config, args, moe: bool) -> float:
@@ -206,6 +211,9 @@ def parse_args(argv=None):
     p.add_argument("--moe", action=flag, default=None, help=f"also the MoE setting ({MOE}); default on, off in --quick")
     p.add_argument("--static", action=flag, default=None, help="static drop of each target; default on, off in --quick")
     p.add_argument("--masked", action=flag, default=None, help="masked mode of each router; default on, off in --quick")
+    p.add_argument("--copy-controls", action="store_true",
+                   help="also time two copies of the dense model (a deep copy with its own weight tensors, as the "
+                        "notebooks' routed and merged models are, and a copy sharing the weights): null controls")
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     p.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
     p.add_argument("--capacity", type=float, default=0.5)

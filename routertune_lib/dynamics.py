@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy.stats import bootstrap
 from torch.nn.utils.rnn import pad_sequence
 
-from .evaluation import closer_verdict, tok_encode
+from .batching import collate, num_labels, pad_id, tokenize_conversations
+from .evaluation import bootstrap_ci, closer_verdict, tok_encode
 from .experiments import conversation_batches
 from .routing import RoutingContext, RoutingTrace, routed_layers
+from .training import label_ce_sum
 
 
 @dataclass
@@ -252,15 +253,13 @@ def document_kl(dense, models: dict, tokenizer, texts, max_length: int = 2048,
 
 def paired_difference(a, b, n_boot: int = 10000, seed: int = 0) -> dict[str, float]:
     """Mean of ``b - a`` over paired documents with its 95% percentile bootstrap CI (documents resampled jointly;
-    scipy ``bootstrap``): ``{"n", "a", "b", "diff", "ci_low", "ci_high"}``."""
+    ``evaluation.bootstrap_ci``): ``{"n", "a", "b", "diff", "ci_low", "ci_high"}``."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"paired_difference needs two 1-D arrays of the same length >= 2, got {a.shape}, {b.shape}")
-    d = b - a
-    ci = bootstrap((d,), np.mean, n_resamples=n_boot, method="percentile", confidence_level=0.95,
-                   random_state=np.random.default_rng(seed)).confidence_interval
-    return {"n": len(d), "a": float(a.mean()), "b": float(b.mean()), "diff": float(d.mean()),
-            "ci_low": float(ci.low), "ci_high": float(ci.high)}
+    ci = bootstrap_ci(b - a, n_boot, seed)
+    return {"n": len(a), "a": float(a.mean()), "b": float(b.mean()), "diff": ci["value"], "ci_low": ci["ci_low"],
+            "ci_high": ci["ci_high"]}
 
 
 def fidelity_table(kl: pd.DataFrame, reference: str, executed: dict[str, dict] | None = None,
@@ -290,7 +289,76 @@ def fidelity_table(kl: pd.DataFrame, reference: str, executed: dict[str, dict] |
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training trajectories
+# Training: what pulls a layer's decision, and the trajectories
+
+
+def decision_pull(model, conversations, tokenizer, max_length: int = 2048, batch_size: int = 8) -> pd.DataFrame:
+    """What the trainer's gradient does to each routed layer's decisions: the task loss's pull towards *keep*
+    against the capacity loss's push towards *skip*.
+
+    One masked training forward per batch (every input runs, its output times the straight-through decision
+    ``keep_{l,n}`` of layer ``l`` for sequence ``n``; ``training._train_step``). ``L_task`` = cross-entropy summed over
+    the assistant tokens of all ``conversations`` / their number; ``C`` = the routing capacity of each batch weighted
+    by its share of the conversations (the trainer's per-micro-batch mean). Per layer, summed over its decisions:
+
+        pull_l = -sum_n dL_task/dkeep_{l,n}      the first-order rise of L_task if layer l were skipped for all
+        push_l =  sum_n dC/dkeep_{l,n}           1 / (routed layers) when no router is downstream-sensitive
+
+    While the hinge is active (capacity above target) the total gradient on the decisions is
+    ``capacity_weight * push_l - pull_l``. The router's logit moves by its sign (nearly the same for every sequence
+    when the layer's inputs are parallel; Adam's first step moves it by exactly that sign), so the layer is pushed
+    towards skipping iff ``capacity_weight > switch_weight_l = pull_l / push_l``. Gradients are the trainer's,
+    including straight-through paths through downstream routers (zero at the zero initialisation).
+
+    The model's routers and thresholds are used as they are (zero-initialised routers: the dense start of training).
+    Returns one row per routed layer with a router: layer, pull, push, switch_weight, executed (its executed fraction
+    on these conversations).
+    """
+    layers = _routers(model)
+    device = next(model.parameters()).device
+    rows = tokenize_conversations(tokenizer, conversations, max_length)
+    n_labels = sum(map(num_labels, rows))
+    pad = pad_id(tokenizer)
+    params = [layer.router.weight for layer in layers.values()]
+    flags = [w.requires_grad for w in params]
+    sums = {i: np.zeros(4) for i in layers}  # pull, push, executed, total
+    try:
+        for w in params:
+            w.requires_grad_(True)  # the decisions carry the straight-through gradient only while routers train
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            b = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+            ctx = RoutingContext("masked", b["attention_mask"], RoutingTrace(), training_forward="masked")
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
+                        use_cache=False)
+            decisions = [d for d in ctx.trace.decisions if d.layer in layers]
+            keeps = [d.keep for d in decisions]
+            task = torch.autograd.grad(label_ce_sum(out.logits, b["labels"]) / n_labels, keeps, retain_graph=True)
+            cap = torch.autograd.grad(ctx.trace.capacity() * len(chunk) / len(rows), keeps, allow_unused=True)
+            for d, g, c in zip(decisions, task, cap):
+                sums[d.layer] += [-float((g * d.weight).sum()), 0.0 if c is None else float((c * d.weight).sum()),
+                                  float((d.keep.detach() * d.weight).sum()), float(d.weight.sum())]
+    finally:
+        for w, f in zip(params, flags):
+            w.requires_grad_(f)
+    return pd.DataFrame([{"layer": i, "pull": v[0], "push": v[1], "switch_weight": v[0] / v[1] if v[1] else math.nan,
+                          "executed": v[2] / max(v[3], 1.0)} for i, v in sums.items()])
+
+
+def capacity_weight_for(pull: pd.DataFrame, capacity: float) -> float:
+    """The hinge's ``capacity_weight`` (lambda) that first-order keeps ``ceil(capacity * layers)`` routed layers on:
+    the geometric mean of the k-th and (k+1)-th largest ``switch_weight`` of :func:`decision_pull`'s table (measured
+    at the zero initialisation), rounded to two significant digits. Layers whose switch weight is above it are
+    pulled towards keep, the others pushed towards skip while the hinge is active."""
+    if not 0 < capacity < 1:
+        raise ValueError(f"capacity must be in (0, 1), got {capacity!r}")
+    w = np.sort(pull["switch_weight"].to_numpy(dtype=float))[::-1]
+    k = math.ceil(capacity * len(w))
+    if k >= len(w) or not w[k - 1] > 0:
+        raise ValueError(f"no capacity weight keeps {k} of {len(w)} layers: switch weights {np.round(w, 4).tolist()} "
+                         "(the k-th largest must be > 0 and k below the number of layers)")
+    lam = math.sqrt(w[k - 1] * w[k]) if w[k] > 0 else w[k - 1] / 2
+    return float(f"{lam:.2g}")
 
 
 def capacity_trajectory(train_log: str | Path) -> pd.DataFrame:

@@ -367,8 +367,7 @@ def _train_step(run: _Run, data: _Data, t: _Trainee, step: int) -> tuple[dict, f
             ctx = RoutingContext(mode, batch["attention_mask"], RoutingTrace(), training_forward=mode)
             out = t.prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              routing_context=ctx, use_cache=False)
-            ce = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
+            ce = label_ce_sum(out.logits, batch["labels"])
             penalty = capacity_penalty(ctx.trace, rcfg)
             # global-batch normalisation; x world undoes DDP's mean, x accum undoes accelerate's division
             loss = ce / max(n_labels, 1) + penalty / n_micro
@@ -393,6 +392,13 @@ def _train_step(run: _Run, data: _Data, t: _Trainee, step: int) -> tuple[dict, f
            **{f"capacity_L{i}": float(e / n.clamp_min(1)) for i, e, n in zip(t.layer_ids, executed, total)},
            "lr": lr, "tokens_per_s": tokens / max(time.perf_counter() - t_step, 1e-9)}
     return row, tokens
+
+
+def label_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over the label tokens (float32 scalar): ``logits`` ``[B, T, V]`` predict
+    ``labels`` ``[B, T]`` (unshifted, -100 = not scored) one position later."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def capacity_penalty(trace: RoutingTrace, config: RouterConfig) -> torch.Tensor:

@@ -6,15 +6,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
-from routertune_lib.dynamics import (LayerInputs, capacity_jumps,
-                                     capacity_trajectory, decompose, document_kl, fidelity_table, paired_difference,
+from routertune_lib.batching import collate, num_labels, pad_id, tokenize_conversations
+from routertune_lib.dynamics import (LayerInputs, capacity_jumps, capacity_trajectory, capacity_weight_for,
+                                     decision_pull, decompose, document_kl, fidelity_table, paired_difference,
                                      replace_orthogonal_part, router_inputs, router_score_distributions,
                                      weight_geometry)
 from routertune_lib.evaluation import mean_kl
 from routertune_lib.experiments import randomize_routers
 from routertune_lib.routing import RouterConfig, attach_routers, routed_layers, set_thresholds
 
+from _two_process_train import conversations, tiny_tokenizer
 from conftest import tiny_model
 
 
@@ -159,6 +162,54 @@ def test_fidelity_table_verdicts_follow_the_ci():
         fidelity_table(kl, "nope")
     with pytest.raises(ValueError, match="same length"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_decision_pull_is_the_derivative_of_the_task_loss_in_the_layer_output_scale():
+    """pull_l = -dL/d(alpha) at alpha = 1, where alpha scales layer l's attention output for every sequence (the
+    sum over sequences of -dL/dkeep), checked by central differences in float64 over two padded batches."""
+    tok, convs = tiny_tokenizer(), conversations(6)
+    model = attach_routers(tiny_model().double(), RouterConfig(target="attn", level="sequence", num_layers=3))
+    for layer in routed_layers(model).values():
+        layer.router.weight.requires_grad_(False)
+    pull = decision_pull(model, convs, tok, max_length=64, batch_size=4).set_index("layer")
+    assert list(pull.index) == list(routed_layers(model)) and (pull.executed == 1.0).all()  # zero init: dense
+    assert np.allclose(pull.push, 1 / 3) and np.allclose(pull.switch_weight, 3 * pull.pull)  # zero init: 1 / layers
+    assert not any(layer.router.weight.requires_grad for layer in routed_layers(model).values())  # flags put back
+
+    rows = tokenize_conversations(tok, convs, 64)
+    batches = [collate(rows[s : s + 4], pad_id(tok)) for s in range(0, len(rows), 4)]
+    n = sum(map(num_labels, rows))
+
+    def loss(layer, alpha):
+        attn = routed_layers(model)[layer].self_attn
+        handle = attn.register_forward_hook(lambda m, a, out: (out[0] * alpha, *out[1:]))
+        try:
+            with torch.no_grad():  # float64 cross-entropy (label_ce_sum's float32 would swamp the differences)
+                return sum(float(F.cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                       use_cache=False).logits[:, :-1].flatten(0, 1),
+                                                 b["labels"][:, 1:].flatten(), reduction="sum"))
+                           for b in batches) / n
+        finally:
+            handle.remove()
+
+    eps = 1e-4
+    for layer, row in pull.iterrows():
+        numeric = -(loss(layer, 1 + eps) - loss(layer, 1 - eps)) / (2 * eps)
+        assert numeric == pytest.approx(row.pull, rel=1e-3, abs=2e-6), layer  # float32 CE in the pull
+    assert pull.pull.abs().max() > 1e-4  # the check is not vacuous
+
+
+def test_capacity_weight_for_keeps_the_top_layers_on():
+    pull = pd.DataFrame({"layer": range(6), "switch_weight": [0.5, 0.02, 0.3, 0.08, 0.001, 0.18]})
+    lam = capacity_weight_for(pull, 0.5)  # keep 3 of 6: between 0.18 and 0.08
+    assert lam == pytest.approx(math.sqrt(0.18 * 0.08), rel=0.02) and (pull.switch_weight > lam).sum() == 3
+    assert (pull.switch_weight > capacity_weight_for(pull, 0.3)).sum() == 2  # ceil(1.8) = 2
+    negative = pull.assign(switch_weight=[0.5, -0.1, 0.3, -0.2, -0.3, 0.18])
+    assert capacity_weight_for(negative, 0.5) == pytest.approx(0.09)  # the 4th is negative: half the 3rd
+    with pytest.raises(ValueError, match="capacity must be in"):
+        capacity_weight_for(pull, 1.0)
+    with pytest.raises(ValueError, match="no capacity weight keeps 4 of 6"):
+        capacity_weight_for(negative, 0.6)
 
 
 def test_capacity_trajectory_and_jumps(tmp_path):

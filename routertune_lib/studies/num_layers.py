@@ -98,7 +98,7 @@ def _half_vs_max(ours: pd.DataFrame, results: dict, layers: dict, n_boot: int) -
                "ci_low half": h.ci_low, "ci_high half": h.ci_high, "kl half": h.kl, "n max": top,
                "diff max": t["diff"], "ci_low max": t.ci_low, "ci_high max": t.ci_high, "kl max": t.kl}
         nan = float("nan")
-        fall = ({(r["metric"]): r for r in paired_rows(results[name][top], results[name][half], n_boot)
+        fall = ({r["metric"]: r for r in paired_rows(results[name][top], results[name][half], n_boot)
                  if r["task"] == "average"} if top > half else {})
         for metric, prefix in (("accuracy", ""), ("kl", "kl ")):
             r = fall.get(metric, {})

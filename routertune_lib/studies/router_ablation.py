@@ -2,7 +2,9 @@
 
 Trained variants (``TRAININGS``): the capacity loss (``hinge``, the paper's text; ``linear``, the released 2024 code),
 the training forward (``masked`` STE over every input; ``real`` skip as in the released code), a learnable per-layer
-bias, and the learning rate (the profile's, and 1e-4 from the paper's grid). Each trained router decides by three
+bias, the learning rate (the profile's, and 1e-4 from the paper's grid) and the hinge's weight lambda (the profile's
+0.1, and the weight the decision pull at the zero initialisation says keeps half the layers on,
+``dynamics.capacity_weight_for``). Each trained router decides by three
 rules: the fixed threshold 0.5 it was trained with (no calibration), per-layer calibration and one global threshold,
 both calibrated on unlabelled prompts to the executed share of static drop of ``k`` layers. Every setting is scored
 on *different* held-out prompts by its per-prompt KL(dense || model), paired with static attention drop of the same
@@ -18,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
-from ..dynamics import document_kl, paired_difference
+from ..data import OFFLINE_MIX, load_instruction_data
+from ..dynamics import capacity_weight_for, decision_pull, document_kl, paired_difference
 from ..evaluation import task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            router_record, skipped_share, tuned_routers)
@@ -28,10 +31,13 @@ from .protocol import CALIB_MAX_LENGTH, CAPACITY, Study, calibrate, mindskip_con
 
 NAME = "12_router_ablation"
 SETTINGS = {  # prompts: 0-shot contexts of these tasks' training splits; the first `calib` calibrate, the rest are held out
-    "smoke": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=8, held_out=12, n_boot=1000, batch_size=8),
-    "cpu": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=48, held_out=150, n_boot=10000, batch_size=16),
-    "paper": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=256, held_out=1000, n_boot=10000, batch_size=16),
-}
+    "smoke": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=8, held_out=12, n_boot=1000, batch_size=8,
+                  pull_conversations=8),
+    "cpu": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=48, held_out=150, n_boot=10000, batch_size=16,
+                pull_conversations=64),
+    "paper": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=256, held_out=1000, n_boot=10000, batch_size=16,
+                  pull_conversations=256),
+}  # pull_conversations: the first conversations of the tuning data, for dynamics.decision_pull
 # name: (RouterConfig overrides, TrainConfig overrides of the profile's)
 TRAININGS = {
     "hinge, masked, profile lr": ({}, {}),
@@ -47,9 +53,12 @@ SHARE_TOLERANCE = 0.01  # skipped share of all layers' attention (0.3 of a layer
 
 
 def run(profile: str) -> Study:
-    """Train (or load from the cache) each variant, decide by each rule and score on held-out prompts. Writes
+    """Measure the decision pull at the zero initialisation and the hinge weight it says keeps half the layers on;
+    train (or load from the cache) each variant, decide by each rule and score on held-out prompts. Writes
     ``training`` (per variant: steps, executed share at threshold 0.5 on held-out prompts, whether it is within
     ``TOLERANCE`` of the target, per-layer spread), ``layer_keep`` (per variant and layer, threshold 0.5),
+    ``decision_pull`` (per layer, at the zero initialisation and at each masked hinge variant's trained routers:
+    switch weight against the variant's lambda, and whether the layer's state agrees with it),
     ``fidelity`` (per setting: executed share, mean KL and the paired differences to static drop and to the random
     router, with verdicts), ``document_kl`` (per prompt) and ``run.json``."""
     study = Study.start(NAME, profile, SETTINGS)
@@ -68,6 +77,17 @@ def run(profile: str) -> Study:
 
     importance = module_importance(model, conversation_batches(calibration, tokenizer, CALIB_MAX_LENGTH,
                                                                device=model.device))["attn"]
+    train_max_length = profile_train_config(profile).max_length
+    conversations = load_instruction_data(OFFLINE_MIX, limit=S["pull_conversations"])  # the tuning data's first rows
+    measure_pull = lambda m: decision_pull(m, conversations, tokenizer, train_max_length, P["micro_batch"])
+    pulls = [measure_pull(attach_routers(copy.deepcopy(model), base)).assign(state="zero initialisation")]
+    lam = capacity_weight_for(pulls[0], CAPACITY)
+    trainings = {**TRAININGS, f"hinge, masked, lambda {lam:g} (from the pull)": (dict(capacity_weight=lam), {})}
+    print(f"decision pull at the zero initialisation: switch weights {pulls[0].switch_weight.min():.3g}.."
+          f"{pulls[0].switch_weight.max():.3g}; lambda {base.capacity_weight:g} pushes "
+          f"{int((pulls[0].switch_weight < base.capacity_weight).sum())} of {len(layers)} layers towards skip, "
+          f"lambda {lam:g} keeps {int((pulls[0].switch_weight > lam).sum())} on")
+
     static = attach_static_drop(copy.deepcopy(model), "attn", least_important(importance, k, layers))
     random = attach_routers(copy.deepcopy(model), RouterConfig(target="attn", level="sequence", layers=layers))
     randomize_routers(random, seed=0)
@@ -77,7 +97,7 @@ def run(profile: str) -> Study:
     del static, random
 
     trained, keep_rows, records = [], [], {}
-    for name, (router_overrides, train_overrides) in TRAININGS.items():
+    for name, (router_overrides, train_overrides) in trainings.items():
         config = RouterConfig(**{**vars(base), **router_overrides})  # the key of the other studies' routers
         train_config = profile_train_config(profile, **train_overrides)
         path = tuned_routers(P["model"], config, train_config, num_samples=P["train_samples"], model=model,
@@ -92,11 +112,14 @@ def run(profile: str) -> Study:
         t, e = document_kl(model, routed, tokenizer, held_out, batch_size=S["batch_size"])
         kl = kl.merge(t, on=["doc", "tokens"])
         executed.update(e)
+        if config.capacity_loss == "hinge" and train_config.training_forward == "masked":
+            pulls.append(measure_pull(routed[f"{name} | threshold 0.5"]).assign(state=name))
         at_half = e[f"{name} | threshold 0.5"]
         shares = np.array(list(at_half["layers"].values()))
         trained.append({
             "variant": name, "capacity_loss": config.capacity_loss, "training_forward": train_config.training_forward,
-            "router_bias": config.router_bias, "lr": train_config.learning_rate, "steps": records[name]["steps"],
+            "router_bias": config.router_bias, "lr": train_config.learning_rate,
+            "capacity_weight": config.capacity_weight, "steps": records[name]["steps"],
             "train capacity (last step)": records[name].get("final_capacity"),
             "held-out executed at 0.5": at_half["overall"],
             "within target ±0.05": bool(abs(at_half["overall"] - CAPACITY) <= TOLERANCE),
@@ -107,11 +130,30 @@ def run(profile: str) -> Study:
 
     study.table("training", pd.DataFrame(trained))
     study.table("layer_keep", pd.DataFrame(keep_rows))
+    study.table("decision_pull", pull_table(pulls, trainings, base.capacity_weight), floatfmt=".5f")
     study.table("document_kl", kl, floatfmt=".5f")
     study.table("fidelity", fidelity_table(kl, executed, N, S["n_boot"]), floatfmt=".4f")
-    study.info.update(static_k=k, capacity=capacity, layers=layers, num_hidden_layers=N)
-    study.finish(routed_layers=layers, static_k=k, calibrated_capacity=capacity, routers=records)
+    study.info.update(static_k=k, capacity=capacity, layers=layers, num_hidden_layers=N, pull_lambda=lam)
+    study.finish(routed_layers=layers, static_k=k, calibrated_capacity=capacity, routers=records,
+                 pull_lambda=lam)
     return study
+
+
+def pull_table(pulls: list[pd.DataFrame], trainings: dict, default_weight: float) -> pd.DataFrame:
+    """The decision-pull tables in one: per state (the zero initialisation, or a trained variant) and layer the
+    pull, push and switch weight, the lambda of that state (the default for the initialisation), whether the hinge
+    was active (executed share above the target) and, for trained states under an active hinge, whether the layer's
+    state agrees with ``switch_weight > lambda`` (kept: executed share >= 0.5)."""
+    weight = {name: o[0].get("capacity_weight", default_weight) for name, o in trainings.items()}
+    out = []
+    for p in pulls:
+        state = p.state.iloc[0]
+        lam = weight.get(state, default_weight)
+        active = bool(p.executed.mean() > CAPACITY)
+        agrees = ((p.executed >= 0.5) == (p.switch_weight > lam)) if state in weight and active else None
+        out.append(p.assign(capacity_weight=lam, hinge_active=active, agrees=agrees))
+    return pd.concat(out, ignore_index=True)[["state", "layer", "pull", "push", "switch_weight", "capacity_weight",
+                                              "executed", "hinge_active", "agrees"]]
 
 
 def fidelity_table(kl: pd.DataFrame, executed: dict, num_hidden_layers: int, n_boot: int) -> pd.DataFrame:
@@ -148,11 +190,22 @@ def fidelity_table(kl: pd.DataFrame, executed: dict, num_hidden_layers: int, n_b
 
 
 def figure(study: Study) -> None:
-    """Left: each variant's per-layer executed share at threshold 0.5 (no calibration). Right: KL minus static drop
-    with its 95% CI per setting (x), at the skipped share of all layers' attention in the label."""
-    keep, fid = study.tables["layer_keep"], study.tables["fidelity"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(15, 4.6), gridspec_kw=dict(width_ratios=[1, 1.1], wspace=0.9))
-    grid = keep.pivot(index="variant", columns="layer", values="executed share").loc[list(TRAININGS)]
+    """Left: the switch weight of each layer at the zero initialisation (the hinge weight above which the capacity
+    loss out-pushes the task's pull; lines: the lambdas trained with). Middle: each variant's per-layer executed share
+    at threshold 0.5 (no calibration). Right: KL minus static drop with its 95% CI per setting (x), at the skipped
+    share of all layers' attention in the label."""
+    keep, fid, pull = study.tables["layer_keep"], study.tables["fidelity"], study.tables["decision_pull"]
+    fig, (p, a, b) = plt.subplots(1, 3, figsize=(21, 4.8), gridspec_kw=dict(width_ratios=[0.8, 1, 1.1], wspace=0.9))
+    init = pull[pull.state == "zero initialisation"]
+    p.bar(init.layer.astype(str), init.switch_weight.clip(lower=1e-4), color="tab:blue")
+    p.set_yscale("log")
+    for lam, style in ((init.capacity_weight.iloc[0], "--"), (study.info["pull_lambda"], ":")):
+        p.axhline(lam, color="k", ls=style, lw=1, label=f"lambda {lam:g}: {int((init.switch_weight > lam).sum())} kept")
+    p.set_xlabel("layer")
+    p.set_ylabel("switch weight = pull / push (log)")
+    p.set_title("decision pull at the zero initialisation", fontsize=9)
+    p.legend(fontsize=7)
+    grid = keep.pivot(index="variant", columns="layer", values="executed share").loc[study.tables["training"].variant]
     im = a.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     a.set_yticks(range(len(grid)), grid.index, fontsize=7)
     a.set_xticks(range(grid.shape[1]), grid.columns, fontsize=7)
@@ -174,11 +227,20 @@ def figure(study: Study) -> None:
 
 
 def verdict(study: Study) -> str:
-    """Which variants reach the target at threshold 0.5, and which settings beat static drop at the same share."""
-    t, f = study.tables["training"], study.tables["fidelity"]
+    """Which variants reach the target at threshold 0.5; whether the decision pull explains which layers the trained
+    hinge routers keep; which settings beat static drop at the same share."""
+    t, f, p = study.tables["training"], study.tables["fidelity"], study.tables["decision_pull"]
     reach = t[t["within target ±0.05"]].variant.tolist()
     lines = [f"threshold 0.5 within ±{TOLERANCE} of {CAPACITY} on held-out prompts: {reach or 'none'} "
              f"(held-out shares {', '.join(f'{v:.2f}' for v in t['held-out executed at 0.5'])})"]
+    init, lam = p[p.state == "zero initialisation"], study.info["pull_lambda"]
+    lines.append(f"decision pull at the zero initialisation: lambda {init.capacity_weight.iloc[0]:g} out-pushes the "
+                 f"task on {int((init.switch_weight < init.capacity_weight).sum())} of {len(init)} layers; lambda "
+                 f"{lam:g} (chosen from the pull) on {int((init.switch_weight < lam).sum())}")
+    for state, g in p[p.agrees.notna()].groupby("state", sort=False):
+        lines.append(f"{state}: trained routers keep {int((g.executed >= 0.5).sum())} of {len(g)} layers; "
+                     f"switch weight > lambda {g.capacity_weight.iloc[0]:g} at the trained state predicts the state of "
+                     f"{int(g.agrees.astype(bool).sum())} of {len(g)}")
     for _, r in f[f["vs static drop"].notna()].iterrows():
         lines.append(f"{r.variant} | {r.rule} (skips {r['skipped (all layers)']:.3f}): KL minus static drop "
                      f"{r['minus static drop']:+.3f} [{r['static drop ci_low']:+.3f}, {r['static drop ci_high']:+.3f}]"
