@@ -81,6 +81,7 @@ def run(profile: str) -> Study:
     conversations = load_instruction_data(OFFLINE_MIX, limit=S["pull_conversations"])  # the tuning data's first rows
     measure_pull = lambda m: decision_pull(m, conversations, tokenizer, train_max_length, P["micro_batch"])
     pulls = [measure_pull(attach_routers(copy.deepcopy(model), base)).assign(state="zero initialisation")]
+    pulls[0]["importance"] = pulls[0].layer.map(importance)  # LLM-Drop's (static drop's) ranking, for comparison
     lam = capacity_weight_for(pulls[0], CAPACITY)
     trainings = {**TRAININGS, f"hinge, masked, lambda {lam:g} (from the pull)": (dict(capacity_weight=lam), {})}
     print(f"decision pull at the zero initialisation: switch weights {pulls[0].switch_weight.min():.3g}.."
@@ -143,7 +144,8 @@ def pull_table(pulls: list[pd.DataFrame], trainings: dict, default_weight: float
     """The decision-pull tables in one: per state (the zero initialisation, or a trained variant) and layer the
     pull, push and switch weight, the lambda of that state (the default for the initialisation), whether the hinge
     was active (executed share above the target) and, for trained states under an active hinge, whether the layer's
-    state agrees with ``switch_weight > lambda`` (kept: executed share >= 0.5)."""
+    state agrees with ``switch_weight > lambda`` (kept: executed share >= 0.5); at the initialisation also the
+    layer's LLM-Drop importance (``importance``, what static drop ranks by)."""
     weight = {name: o[0].get("capacity_weight", default_weight) for name, o in trainings.items()}
     out = []
     for p in pulls:
@@ -153,7 +155,7 @@ def pull_table(pulls: list[pd.DataFrame], trainings: dict, default_weight: float
         agrees = ((p.executed >= 0.5) == (p.switch_weight > lam)) if state in weight and active else None
         out.append(p.assign(capacity_weight=lam, hinge_active=active, agrees=agrees))
     return pd.concat(out, ignore_index=True)[["state", "layer", "pull", "push", "switch_weight", "capacity_weight",
-                                              "executed", "hinge_active", "agrees"]]
+                                              "executed", "hinge_active", "agrees", "importance"]]
 
 
 def fidelity_table(kl: pd.DataFrame, executed: dict, num_hidden_layers: int, n_boot: int) -> pd.DataFrame:
@@ -234,9 +236,11 @@ def verdict(study: Study) -> str:
     lines = [f"threshold 0.5 within ±{TOLERANCE} of {CAPACITY} on held-out prompts: {reach or 'none'} "
              f"(held-out shares {', '.join(f'{v:.2f}' for v in t['held-out executed at 0.5'])})"]
     init, lam = p[p.state == "zero initialisation"], study.info["pull_lambda"]
+    rho = init.switch_weight.corr(init.importance, "spearman")
     lines.append(f"decision pull at the zero initialisation: lambda {init.capacity_weight.iloc[0]:g} out-pushes the "
                  f"task on {int((init.switch_weight < init.capacity_weight).sum())} of {len(init)} layers; lambda "
-                 f"{lam:g} (chosen from the pull) on {int((init.switch_weight < lam).sum())}")
+                 f"{lam:g} (chosen from the pull) on {int((init.switch_weight < lam).sum())}; Spearman correlation "
+                 f"of the switch weight with LLM-Drop importance {rho:+.2f}")
     for state, g in p[p.agrees.notna()].groupby("state", sort=False):
         lines.append(f"{state}: trained routers keep {int((g.executed >= 0.5).sum())} of {len(g)} layers; "
                      f"switch weight > lambda {g.capacity_weight.iloc[0]:g} at the trained state predicts the state of "
