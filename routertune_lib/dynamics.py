@@ -16,7 +16,7 @@ dense model at equal per-layer capacities (:func:`document_kl`, :func:`fidelity_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -345,18 +345,50 @@ def decision_pull(model, conversations, tokenizer, max_length: int = 2048, batch
                           "executed": v[2] / max(v[3], 1.0)} for i, v in sums.items()])
 
 
-def capacity_weight_for(pull: pd.DataFrame, capacity: float) -> float:
-    """The hinge's ``capacity_weight`` (lambda) that first-order keeps ``ceil(capacity * layers)`` routed layers on:
-    the geometric mean of the k-th and (k+1)-th largest ``switch_weight`` of :func:`decision_pull`'s table (measured
-    at the zero initialisation), rounded to two significant digits. Layers whose switch weight is above it are
-    pulled towards keep, the others pushed towards skip while the hinge is active."""
+@torch.no_grad()
+def skip_effect(model, conversations, tokenizer, max_length: int = 2048, batch_size: int = 8) -> pd.DataFrame:
+    """The finite counterpart of :func:`decision_pull`'s pull: per routed layer with a router, the task loss (as
+    there) with that layer forced to keep every sequence and forced to skip every sequence, the others deciding as
+    they do (``routing.layer``'s ``fixed_keep``; real-skip forward). ``secant = loss_skip - loss_keep`` is what
+    skipping the layer costs; the pull is the slope of the same loss at the current decisions, which the
+    straight-through estimator hands the router instead. Returns layer, loss_keep, loss_skip, secant."""
+    layers = _routers(model)
+    device = next(model.parameters()).device
+    rows = tokenize_conversations(tokenizer, conversations, max_length)
+    n_labels = sum(map(num_labels, rows))
+    pad = pad_id(tokenizer)
+    batches = [{k: v.to(device) for k, v in collate(rows[s : s + batch_size], pad).items()}
+               for s in range(0, len(rows), batch_size)]
+    loss = {(i, keep): 0.0 for i in layers for keep in (True, False)}
+    for i, layer in layers.items():
+        spec = layer.routing
+        try:
+            for keep in (True, False):
+                layer.routing = replace(spec, fixed_keep=keep)
+                for b in batches:
+                    ctx = RoutingContext("real", b["attention_mask"], RoutingTrace())
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
+                                use_cache=False)
+                    loss[i, keep] += float(label_ce_sum(out.logits, b["labels"])) / n_labels
+        finally:
+            layer.routing = spec
+    return pd.DataFrame([{"layer": i, "loss_keep": loss[i, True], "loss_skip": loss[i, False],
+                          "secant": loss[i, False] - loss[i, True]} for i in layers])
+
+
+def capacity_weight_for(pull: pd.DataFrame, capacity: float) -> float | None:
+    """The hinge's ``capacity_weight`` (lambda) that first-order keeps ``k = ceil(capacity * layers)`` routed layers
+    on: the geometric mean of the k-th and (k+1)-th largest ``switch_weight`` of :func:`decision_pull`'s table
+    (measured at the zero initialisation; half the k-th when the (k+1)-th is not positive), rounded to two
+    significant digits. Layers whose switch weight is above it are pulled towards keep, the others pushed towards skip
+    while the hinge is active. ``None`` when fewer than ``k`` layers have a positive switch weight: the task loss's own
+    gradient then pushes more than ``layers - k`` layers towards skip, and no lambda keeps ``k`` on."""
     if not 0 < capacity < 1:
         raise ValueError(f"capacity must be in (0, 1), got {capacity!r}")
     w = np.sort(pull["switch_weight"].to_numpy(dtype=float))[::-1]
     k = math.ceil(capacity * len(w))
     if k >= len(w) or not w[k - 1] > 0:
-        raise ValueError(f"no capacity weight keeps {k} of {len(w)} layers: switch weights {np.round(w, 4).tolist()} "
-                         "(the k-th largest must be > 0 and k below the number of layers)")
+        return None
     lam = math.sqrt(w[k - 1] * w[k]) if w[k] > 0 else w[k - 1] / 2
     return float(f"{lam:.2g}")
 

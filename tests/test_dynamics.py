@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from routertune_lib.batching import collate, num_labels, pad_id, tokenize_conversations
 from routertune_lib.dynamics import (LayerInputs, capacity_jumps, capacity_trajectory, capacity_weight_for,
                                      decision_pull, decompose, document_kl, fidelity_table, paired_difference,
-                                     replace_orthogonal_part, router_inputs, router_score_distributions,
+                                     replace_orthogonal_part, router_inputs, router_score_distributions, skip_effect,
                                      weight_geometry)
 from routertune_lib.evaluation import mean_kl
 from routertune_lib.experiments import randomize_routers
@@ -199,6 +199,32 @@ def test_decision_pull_is_the_derivative_of_the_task_loss_in_the_layer_output_sc
     assert pull.pull.abs().max() > 1e-4  # the check is not vacuous
 
 
+def test_skip_effect_is_the_loss_of_forcing_each_layer_off_and_on():
+    """secant = loss with the layer skipped for every sequence - loss with it kept, the others as decided; a layer
+    already kept everywhere has loss_keep equal to the model's loss, and the secant of a trained network is not its
+    slope (the pull)."""
+    tok, convs = tiny_tokenizer(), conversations(6)
+    model = attach_routers(tiny_model(), RouterConfig(target="attn", level="sequence", num_layers=3))
+    effect = skip_effect(model, convs, tok, max_length=64, batch_size=4).set_index("layer")
+    rows = tokenize_conversations(tok, convs, 64)
+    b = collate(rows, pad_id(tok))
+    with torch.no_grad():
+        dense = float(F.cross_entropy(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                            use_cache=False).logits[:, :-1].flatten(0, 1),
+                                      b["labels"][:, 1:].flatten(), reduction="sum")) / sum(map(num_labels, rows))
+    assert np.allclose(effect.loss_keep, dense, rtol=1e-5)  # zero init keeps everything
+    assert np.allclose(effect.secant, effect.loss_skip - effect.loss_keep) and (effect.secant != 0).all()
+    first = list(effect.index)[0]
+    static = attach_routers(tiny_model(), RouterConfig(target="attn", level="sequence", layers=[first]),
+                            static_drop=True)
+    with torch.no_grad():
+        skipped = float(F.cross_entropy(static(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                               use_cache=False).logits[:, :-1].flatten(0, 1),
+                                        b["labels"][:, 1:].flatten(), reduction="sum")) / sum(map(num_labels, rows))
+    assert effect.loss_skip[first] == pytest.approx(skipped, rel=1e-5)  # forcing the skip = static drop of it
+    assert all(layer.routing.fixed_keep is None for layer in routed_layers(model).values())  # put back
+
+
 def test_capacity_weight_for_keeps_the_top_layers_on():
     pull = pd.DataFrame({"layer": range(6), "switch_weight": [0.5, 0.02, 0.3, 0.08, 0.001, 0.18]})
     lam = capacity_weight_for(pull, 0.5)  # keep 3 of 6: between 0.18 and 0.08
@@ -208,8 +234,7 @@ def test_capacity_weight_for_keeps_the_top_layers_on():
     assert capacity_weight_for(negative, 0.5) == pytest.approx(0.09)  # the 4th is negative: half the 3rd
     with pytest.raises(ValueError, match="capacity must be in"):
         capacity_weight_for(pull, 1.0)
-    with pytest.raises(ValueError, match="no capacity weight keeps 4 of 6"):
-        capacity_weight_for(negative, 0.6)
+    assert capacity_weight_for(negative, 0.6) is None  # 4 layers to keep, 3 with a positive switch weight
 
 
 def test_capacity_trajectory_and_jumps(tmp_path):

@@ -67,9 +67,10 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
         T, settings = len(S["tasks"]), 5  # tuned (2 decision rules), random router, static drop of k and k + 1
         return {"fidelity": settings * (3 * T + 2), "paired": (settings - 1) * (3 * T + 1 + 3)}
     if notebook == "12_router_ablation":
-        V, L = len(router_ablation.TRAININGS) + 1, len(run["routed_layers"])  # + the lambda chosen from the pull
-        masked_hinge = 1 + sum(r.get("capacity_loss", "hinge") == "hinge" and t.get("training_forward", "masked")
-                               == "masked" for r, t in router_ablation.TRAININGS.values())
+        chosen = run["pull_lambda"] is not None  # a variant trained with the lambda chosen from the pull
+        V, L = len(router_ablation.TRAININGS) + chosen, len(run["routed_layers"])
+        masked_hinge = chosen + sum(r.get("capacity_loss", "hinge") == "hinge" and t.get("training_forward", "masked")
+                                    == "masked" for r, t in router_ablation.TRAININGS.values())
         return {"training": V, "layer_keep": V * L, "document_kl": S["held_out"],
                 "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": (1 + masked_hinge) * L}
     raise AssertionError(f"no expected tables for {notebook}: add them here")

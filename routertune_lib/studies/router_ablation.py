@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..baselines import attach_static_drop, least_important, module_importance
 from ..data import OFFLINE_MIX, load_instruction_data
-from ..dynamics import capacity_weight_for, decision_pull, document_kl, paired_difference
+from ..dynamics import capacity_weight_for, decision_pull, document_kl, paired_difference, skip_effect
 from ..evaluation import task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            router_record, skipped_share, tuned_routers)
@@ -43,6 +43,7 @@ TRAININGS = {
     "hinge, masked, profile lr": ({}, {}),
     "hinge, masked, lr 1e-4": ({}, dict(learning_rate=1e-4)),
     "hinge, masked, bias, lr 1e-4": (dict(router_bias=True), dict(learning_rate=1e-4)),
+    "hinge, masked, lambda 1": (dict(capacity_weight=1.0), {}),
     "hinge, real-skip, lr 1e-4": ({}, dict(training_forward="real", learning_rate=1e-4)),
     "linear, real-skip, lr 1e-4 (released code)": (dict(capacity_loss="linear"),
                                                    dict(training_forward="real", learning_rate=1e-4)),
@@ -80,14 +81,22 @@ def run(profile: str) -> Study:
     train_max_length = profile_train_config(profile).max_length
     conversations = load_instruction_data(OFFLINE_MIX, limit=S["pull_conversations"])  # the tuning data's first rows
     measure_pull = lambda m: decision_pull(m, conversations, tokenizer, train_max_length, P["micro_batch"])
-    pulls = [measure_pull(attach_routers(copy.deepcopy(model), base)).assign(state="zero initialisation")]
-    pulls[0]["importance"] = pulls[0].layer.map(importance)  # LLM-Drop's (static drop's) ranking, for comparison
-    lam = capacity_weight_for(pulls[0], CAPACITY)
-    trainings = {**TRAININGS, f"hinge, masked, lambda {lam:g} (from the pull)": (dict(capacity_weight=lam), {})}
-    print(f"decision pull at the zero initialisation: switch weights {pulls[0].switch_weight.min():.3g}.."
-          f"{pulls[0].switch_weight.max():.3g}; lambda {base.capacity_weight:g} pushes "
-          f"{int((pulls[0].switch_weight < base.capacity_weight).sum())} of {len(layers)} layers towards skip, "
-          f"lambda {lam:g} keeps {int((pulls[0].switch_weight > lam).sum())} on")
+    start = attach_routers(copy.deepcopy(model), base)
+    init = measure_pull(start).merge(skip_effect(start, conversations, tokenizer, train_max_length, P["micro_batch"]))
+    init["importance"] = init.layer.map(importance)  # LLM-Drop's (static drop's) ranking, for comparison
+    pulls = [init.assign(state="zero initialisation")]
+    del start
+    lam = capacity_weight_for(init, CAPACITY)  # None: the task's own slope sends too many layers to skip
+    trainings = dict(TRAININGS)
+    if lam is not None:
+        trainings[f"hinge, masked, lambda {lam:g} (from the pull)"] = (dict(capacity_weight=lam), {})
+    print(f"decision pull at the zero initialisation: switch weights {init.switch_weight.min():.3g}.."
+          f"{init.switch_weight.max():.3g}, negative (the task's slope says skip) on "
+          f"{int((init.pull < 0).sum())} of {len(layers)} layers; skipping costs (secant > 0) on "
+          f"{int((init.secant > 0).sum())}; lambda {base.capacity_weight:g} pushes "
+          f"{int((init.switch_weight < base.capacity_weight).sum())} towards skip; "
+          + ("no lambda keeps half the layers on" if lam is None else
+             f"lambda {lam:g} keeps {int((init.switch_weight > lam).sum())} on"))
 
     static = attach_static_drop(copy.deepcopy(model), "attn", least_important(importance, k, layers))
     random = attach_routers(copy.deepcopy(model), RouterConfig(target="attn", level="sequence", layers=layers))
@@ -145,7 +154,8 @@ def pull_table(pulls: list[pd.DataFrame], trainings: dict, default_weight: float
     pull, push and switch weight, the lambda of that state (the default for the initialisation), whether the hinge
     was active (executed share above the target) and, for trained states under an active hinge, whether the layer's
     state agrees with ``switch_weight > lambda`` (kept: executed share >= 0.5); at the initialisation also the
-    layer's LLM-Drop importance (``importance``, what static drop ranks by)."""
+    finite loss rise of skipping the layer (``secant``, ``dynamics.skip_effect``) and its LLM-Drop importance
+    (``importance``, what static drop ranks by)."""
     weight = {name: o[0].get("capacity_weight", default_weight) for name, o in trainings.items()}
     out = []
     for p in pulls:
@@ -155,7 +165,7 @@ def pull_table(pulls: list[pd.DataFrame], trainings: dict, default_weight: float
         agrees = ((p.executed >= 0.5) == (p.switch_weight > lam)) if state in weight and active else None
         out.append(p.assign(capacity_weight=lam, hinge_active=active, agrees=agrees))
     return pd.concat(out, ignore_index=True)[["state", "layer", "pull", "push", "switch_weight", "capacity_weight",
-                                              "executed", "hinge_active", "agrees", "importance"]]
+                                              "executed", "hinge_active", "agrees", "secant", "importance"]]
 
 
 def fidelity_table(kl: pd.DataFrame, executed: dict, num_hidden_layers: int, n_boot: int) -> pd.DataFrame:
@@ -192,20 +202,26 @@ def fidelity_table(kl: pd.DataFrame, executed: dict, num_hidden_layers: int, n_b
 
 
 def figure(study: Study) -> None:
-    """Left: the switch weight of each layer at the zero initialisation (the hinge weight above which the capacity
-    loss out-pushes the task's pull; lines: the lambdas trained with). Middle: each variant's per-layer executed share
-    at threshold 0.5 (no calibration). Right: KL minus static drop with its 95% CI per setting (x), at the skipped
-    share of all layers' attention in the label."""
+    """Left: per layer at the zero initialisation, the task loss's slope in the layer's decision (the pull, which the
+    straight-through estimator hands the router) beside what skipping the layer really costs (the secant), with the
+    hinge's push ``lambda * push`` for each lambda trained with. Middle: each variant's per-layer executed share at
+    threshold 0.5 (no calibration). Right: KL minus static drop with its 95% CI per setting (x), at the skipped share
+    of all layers' attention in the label."""
     keep, fid, pull = study.tables["layer_keep"], study.tables["fidelity"], study.tables["decision_pull"]
-    fig, (p, a, b) = plt.subplots(1, 3, figsize=(21, 4.8), gridspec_kw=dict(width_ratios=[0.8, 1, 1.1], wspace=0.9))
+    fig, (p, a, b) = plt.subplots(1, 3, figsize=(21, 4.8), gridspec_kw=dict(width_ratios=[0.9, 1, 1.1], wspace=0.9))
     init = pull[pull.state == "zero initialisation"]
-    p.bar(init.layer.astype(str), init.switch_weight.clip(lower=1e-4), color="tab:blue")
-    p.set_yscale("log")
-    for lam, style in ((init.capacity_weight.iloc[0], "--"), (study.info["pull_lambda"], ":")):
-        p.axhline(lam, color="k", ls=style, lw=1, label=f"lambda {lam:g}: {int((init.switch_weight > lam).sum())} kept")
+    x = np.arange(len(init))
+    p.bar(x - 0.2, init.pull, 0.4, label="slope: pull = -dL/dkeep (what the router is told)")
+    p.bar(x + 0.2, init.secant, 0.4, label="secant: L(skip) - L(keep) (what skipping costs)")
+    for lam in sorted(set(pull.capacity_weight)):
+        p.axhline(lam * init.push.mean(), color="k", ls="--", lw=0.8)
+        p.annotate(f"lambda {lam:g} x push", (x[-1], lam * init.push.mean()), fontsize=7, ha="right", va="bottom")
+    p.axhline(0, color="grey", lw=0.8)
+    p.set_yscale("symlog", linthresh=1e-3)
+    p.set_xticks(x, init.layer, fontsize=7)
     p.set_xlabel("layer")
-    p.set_ylabel("switch weight = pull / push (log)")
-    p.set_title("decision pull at the zero initialisation", fontsize=9)
+    p.set_ylabel("task loss (nats / assistant token)")
+    p.set_title("at the zero initialisation (masked training forward)", fontsize=9)
     p.legend(fontsize=7)
     grid = keep.pivot(index="variant", columns="layer", values="executed share").loc[study.tables["training"].variant]
     im = a.imshow(grid.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
@@ -236,11 +252,14 @@ def verdict(study: Study) -> str:
     lines = [f"threshold 0.5 within ±{TOLERANCE} of {CAPACITY} on held-out prompts: {reach or 'none'} "
              f"(held-out shares {', '.join(f'{v:.2f}' for v in t['held-out executed at 0.5'])})"]
     init, lam = p[p.state == "zero initialisation"], study.info["pull_lambda"]
-    rho = init.switch_weight.corr(init.importance, "spearman")
-    lines.append(f"decision pull at the zero initialisation: lambda {init.capacity_weight.iloc[0]:g} out-pushes the "
-                 f"task on {int((init.switch_weight < init.capacity_weight).sum())} of {len(init)} layers; lambda "
-                 f"{lam:g} (chosen from the pull) on {int((init.switch_weight < lam).sum())}; Spearman correlation "
-                 f"of the switch weight with LLM-Drop importance {rho:+.2f}")
+    rho = init.secant.corr(init.importance, "spearman")
+    lines.append(f"at the zero initialisation the task loss's slope (the straight-through signal) says skip on "
+                 f"{int((init.pull < 0).sum())} of {len(init)} layers, while skipping really costs (secant > 0) on "
+                 f"{int((init.secant > 0).sum())}; slope and secant agree in sign on "
+                 f"{int((np.sign(init.pull) == np.sign(init.secant)).sum())}; rank correlation of slope and secant "
+                 f"{init.pull.corr(init.secant, 'spearman'):+.2f}, of secant and LLM-Drop importance {rho:+.2f}; "
+                 + ("no lambda keeps half the layers on" if lam is None else
+                    f"lambda {lam:g} (chosen from the pull) pushes {int((init.switch_weight < lam).sum())} to skip"))
     for state, g in p[p.agrees.notna()].groupby("state", sort=False):
         lines.append(f"{state}: trained routers keep {int((g.executed >= 0.5).sum())} of {len(g)} layers; "
                      f"switch weight > lambda {g.capacity_weight.iloc[0]:g} at the trained state predicts the state of "
