@@ -351,7 +351,9 @@ def skip_effect(model, conversations, tokenizer, max_length: int = 2048, batch_s
     there) with that layer forced to keep every sequence and forced to skip every sequence, the others deciding as
     they do (``routing.layer``'s ``fixed_keep``; real-skip forward). ``secant = loss_skip - loss_keep`` is what
     skipping the layer costs; the pull is the slope of the same loss at the current decisions, which the
-    straight-through estimator hands the router instead. Returns layer, loss_keep, loss_skip, secant."""
+    straight-through estimator hands the router instead. A layer that already keeps (skips) every sequence takes
+    the model's own loss as its loss_keep (loss_skip), so such a layer costs one forward per batch, not two.
+    Returns layer, loss_keep, loss_skip, secant."""
     layers = _routers(model)
     device = next(model.parameters()).device
     rows = tokenize_conversations(tokenizer, conversations, max_length)
@@ -359,21 +361,35 @@ def skip_effect(model, conversations, tokenizer, max_length: int = 2048, batch_s
     pad = pad_id(tokenizer)
     batches = [{k: v.to(device) for k, v in collate(rows[s : s + batch_size], pad).items()}
                for s in range(0, len(rows), batch_size)]
-    loss = {(i, keep): 0.0 for i in layers for keep in (True, False)}
+
+    def loss() -> tuple[float, dict[int, tuple[float, float]]]:
+        total, counts = 0.0, {}
+        for b in batches:
+            ctx = RoutingContext("real", b["attention_mask"], RoutingTrace())
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
+                        use_cache=False)
+            total += float(label_ce_sum(out.logits, b["labels"])) / n_labels
+            for i, (e, n) in ctx.trace.counts().items():
+                counts[i] = (counts.get(i, (0.0, 0.0))[0] + e, counts.get(i, (0.0, 0.0))[1] + n)
+        return total, counts
+
+    base, counts = loss()
+    out = []
     for i, layer in layers.items():
-        spec = layer.routing
+        executed = counts[i][0] / max(counts[i][1], 1.0)
+        spec, forced = layer.routing, {}
         try:
             for keep in (True, False):
-                layer.routing = replace(spec, fixed_keep=keep)
-                for b in batches:
-                    ctx = RoutingContext("real", b["attention_mask"], RoutingTrace())
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
-                                use_cache=False)
-                    loss[i, keep] += float(label_ce_sum(out.logits, b["labels"])) / n_labels
+                if executed == (1.0 if keep else 0.0):
+                    forced[keep] = base
+                else:
+                    layer.routing = replace(spec, fixed_keep=keep)
+                    forced[keep] = loss()[0]
         finally:
             layer.routing = spec
-    return pd.DataFrame([{"layer": i, "loss_keep": loss[i, True], "loss_skip": loss[i, False],
-                          "secant": loss[i, False] - loss[i, True]} for i in layers])
+        out.append({"layer": i, "loss_keep": forced[True], "loss_skip": forced[False],
+                    "secant": forced[False] - forced[True]})
+    return pd.DataFrame(out)
 
 
 def capacity_weight_for(pull: pd.DataFrame, capacity: float) -> float | None:

@@ -69,10 +69,9 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
     if notebook == "12_router_ablation":
         chosen = run["pull_lambda"] is not None  # a variant trained with the lambda chosen from the pull
         V, L = len(router_ablation.TRAININGS) + chosen, len(run["routed_layers"])
-        masked_hinge = chosen + sum(r.get("capacity_loss", "hinge") == "hinge" and t.get("training_forward", "masked")
-                                    == "masked" for r, t in router_ablation.TRAININGS.values())
+        states = 1 + len(router_ablation.PULL_VARIANTS) + chosen  # the zero initialisation and trained routers
         return {"training": V, "layer_keep": V * L, "document_kl": S["held_out"],
-                "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": (1 + masked_hinge) * L}
+                "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": states * L}
     raise AssertionError(f"no expected tables for {notebook}: add them here")
 
 

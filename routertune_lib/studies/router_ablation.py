@@ -34,7 +34,7 @@ SETTINGS = {  # prompts: 0-shot contexts of these tasks' training splits; the fi
     "smoke": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=8, held_out=12, n_boot=1000, batch_size=8,
                   pull_conversations=8),
     "cpu": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=48, held_out=150, n_boot=10000, batch_size=16,
-                pull_conversations=64),
+                pull_conversations=32),
     "paper": dict(tasks=["piqa", "arc_easy", "hellaswag"], calib=256, held_out=1000, n_boot=10000, batch_size=16,
                   pull_conversations=256),
 }  # pull_conversations: the first conversations of the tuning data, for dynamics.decision_pull
@@ -48,6 +48,7 @@ TRAININGS = {
     "linear, real-skip, lr 1e-4 (released code)": (dict(capacity_loss="linear"),
                                                    dict(training_forward="real", learning_rate=1e-4)),
 }
+PULL_VARIANTS = ("hinge, masked, profile lr", "hinge, masked, lambda 1")  # decision pull measured at their routers
 RULES = ("threshold 0.5", "per-layer calibration", "global calibration")
 TOLERANCE = 0.05  # issue 15: trained with the fixed threshold, the held-out executed share must be within this
 SHARE_TOLERANCE = 0.01  # skipped share of all layers' attention (0.3 of a layer of 30) counted as the same share
@@ -58,7 +59,7 @@ def run(profile: str) -> Study:
     train (or load from the cache) each variant, decide by each rule and score on held-out prompts. Writes
     ``training`` (per variant: steps, executed share at threshold 0.5 on held-out prompts, whether it is within
     ``TOLERANCE`` of the target, per-layer spread), ``layer_keep`` (per variant and layer, threshold 0.5),
-    ``decision_pull`` (per layer, at the zero initialisation and at each masked hinge variant's trained routers:
+    ``decision_pull`` (per layer, at the zero initialisation and at the trained routers of ``PULL_VARIANTS``:
     switch weight against the variant's lambda, and whether the layer's state agrees with it),
     ``fidelity`` (per setting: executed share, mean KL and the paired differences to static drop and to the random
     router, with verdicts), ``document_kl`` (per prompt) and ``run.json``."""
@@ -122,7 +123,7 @@ def run(profile: str) -> Study:
         t, e = document_kl(model, routed, tokenizer, held_out, batch_size=S["batch_size"])
         kl = kl.merge(t, on=["doc", "tokens"])
         executed.update(e)
-        if config.capacity_loss == "hinge" and train_config.training_forward == "masked":
+        if name in PULL_VARIANTS or name not in TRAININGS:  # the default, lambda 1 and lambda from the pull
             pulls.append(measure_pull(routed[f"{name} | threshold 0.5"]).assign(state=name))
         at_half = e[f"{name} | threshold 0.5"]
         shares = np.array(list(at_half["layers"].values()))
