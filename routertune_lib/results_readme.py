@@ -352,17 +352,20 @@ def table_table5(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "routed layers": f"{x['routed layers']} of {x['layers']}",
              "dense": num(x["dense"]), "routed": num(x["routed"]), **_diff(x, False),
-             "executed": num(x["executed"], 2), "speed-up": times(x["speedup"]), "KV cache": num(x["kv ratio"], 2)}
+             "KL to dense [95% CI]": _kl(x, False), "executed": num(x["executed"], 2),
+             "speed-up [95% CI]": _speed_ci(x, "speedup", " ", 2), "FLOP fraction": num(x["flop_fraction"], 3),
+             "KV cache": num(x["kv ratio"], 2)}
             for x in df.to_dict("records")]
-    return md(rows, right=("routed layers", "dense", "routed", "executed", "speed-up", "KV cache"))
+    return md(rows, right=("routed layers", "dense", "routed", "executed", "FLOP fraction", "KV cache"))
 
 
 def table_table5_tasks(r: Results) -> str:
     df = r.csv("results/06_across_models/cpu/table5_tasks.csv")
     rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "task": TASK_NAMES.get(x["task"], x["task"]),
-             "dense": num(x["a"]), "routed": num(x["b"]), "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]),
-             "verdict": verdict(x["ci_low"], x["ci_high"])} for x in df.to_dict("records")]
-    return md(rows, right=("dense", "routed"))
+             "n": x["n"], "dense": num(x["dense"]), "routed": num(x["routed"]),
+             "diff [95% CI]": ci(x["diff"], x["ci_low"], x["ci_high"]), "verdict": verdict(x["ci_low"], x["ci_high"]),
+             "KL to dense [95% CI]": _kl(x, False), "agreement": num(x["agreement"])} for x in df.to_dict("records")]
+    return md(rows, right=("n", "dense", "routed", "agreement"))
 
 
 def table_table6(r: Results) -> str:
@@ -371,6 +374,7 @@ def table_table6(r: Results) -> str:
              "offline-mix:sciq": "SciQ"}
     rows = [{"data / samples": "dense" if x["setting"] == "dense" else f"{names.get(x['source'], x['source'])} / {x['samples']}",
              "avg": num(x["avg"]), **_diff(x, x["setting"] == "dense"),
+             "KL to dense [95% CI]": _kl(x, x["setting"] == "dense"),
              "steps": "" if x["setting"] == "dense" else x["steps"],
              "capacity at the end of training": "" if x["setting"] == "dense" else num(x["train capacity"], 2),
              "executed in evaluation": num(x["executed"], 2)} for x in df.to_dict("records")]

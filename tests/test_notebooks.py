@@ -42,7 +42,7 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
         return {"num_layers": sum(map(len, S["models"].values())), "half_vs_max": len(S["models"]),
                 "num_layers_paper": sum(map(len, num_layers.PAPER_CURVES.values()))}
     if notebook == "06_across_models":
-        return {"table5": len(S["models"]), "table5_tasks": len(S["models"]) * (len(S["tasks"]) + 1),
+        return {"table5": len(S["models"]), "table5_tasks": len(S["models"]) * len(S["tasks"]),
                 "table5_paper": len(paper.PAPER_TABLE5)}
     if notebook == "07_training_data":
         runs, P = run["runs"], run["profile_settings"]
