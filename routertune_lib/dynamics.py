@@ -301,7 +301,7 @@ def decision_pull(model, conversations, tokenizer, max_length: int = 2048, batch
     the assistant tokens of all ``conversations`` / their number; ``C`` = the routing capacity of each batch weighted
     by its share of the conversations (the trainer's per-micro-batch mean). Per layer, summed over its decisions:
 
-        pull_l = -sum_n dL_task/dkeep_{l,n}      the first-order rise of L_task if layer l were skipped for all
+        pull_l = -sum_n dL_task/dkeep_{l,n}      the slope: first-order estimate of skipping's cost (skip_effect)
         push_l =  sum_n dC/dkeep_{l,n}           1 / (routed layers) when no router is downstream-sensitive
 
     While the hinge is active (capacity above target) the total gradient on the decisions is
