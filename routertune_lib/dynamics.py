@@ -292,6 +292,17 @@ def fidelity_table(kl: pd.DataFrame, reference: str, executed: dict[str, dict] |
 # Training: what pulls a layer's decision, and the trajectories
 
 
+def _labelled_batches(model, conversations, tokenizer, max_length: int, batch_size: int) -> tuple[list[dict], int]:
+    """Conversations as the trainer sees them: right-padded ``{input_ids, attention_mask, labels}`` batches on the
+    model's device (assistant-only labels) and the number of label tokens a causal LM predicts over all of them."""
+    device = next(model.parameters()).device
+    rows = tokenize_conversations(tokenizer, conversations, max_length)
+    pad = pad_id(tokenizer)
+    batches = [{k: v.to(device) for k, v in collate(rows[s : s + batch_size], pad).items()}
+               for s in range(0, len(rows), batch_size)]
+    return batches, sum(map(num_labels, rows))
+
+
 def decision_pull(model, conversations, tokenizer, max_length: int = 2048, batch_size: int = 8) -> pd.DataFrame:
     """What the trainer's gradient does to each routed layer's decisions: the task loss's pull towards *keep*
     against the capacity loss's push towards *skip*.
@@ -315,26 +326,22 @@ def decision_pull(model, conversations, tokenizer, max_length: int = 2048, batch
     on these conversations).
     """
     layers = _routers(model)
-    device = next(model.parameters()).device
-    rows = tokenize_conversations(tokenizer, conversations, max_length)
-    n_labels = sum(map(num_labels, rows))
-    pad = pad_id(tokenizer)
+    batches, n_labels = _labelled_batches(model, conversations, tokenizer, max_length, batch_size)
     params = [layer.router.weight for layer in layers.values()]
     flags = [w.requires_grad for w in params]
     sums = {i: np.zeros(4) for i in layers}  # pull, push, executed, total
     try:
         for w in params:
             w.requires_grad_(True)  # the decisions carry the straight-through gradient only while routers train
-        for s in range(0, len(rows), batch_size):
-            chunk = rows[s : s + batch_size]
-            b = {k: v.to(device) for k, v in collate(chunk, pad).items()}
+        n_rows = sum(len(b["input_ids"]) for b in batches)
+        for b in batches:
             ctx = RoutingContext("masked", b["attention_mask"], RoutingTrace(), training_forward="masked")
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
                         use_cache=False)
             decisions = [d for d in ctx.trace.decisions if d.layer in layers]
             keeps = [d.keep for d in decisions]
             task = torch.autograd.grad(label_ce_sum(out.logits, b["labels"]) / n_labels, keeps, retain_graph=True)
-            cap = torch.autograd.grad(ctx.trace.capacity() * len(chunk) / len(rows), keeps, allow_unused=True)
+            cap = torch.autograd.grad(ctx.trace.capacity() * len(b["input_ids"]) / n_rows, keeps, allow_unused=True)
             for d, g, c in zip(decisions, task, cap):
                 sums[d.layer] += [-float((g * d.weight).sum()), 0.0 if c is None else float((c * d.weight).sum()),
                                   float((d.keep.detach() * d.weight).sum()), float(d.weight.sum())]
@@ -355,12 +362,7 @@ def skip_effect(model, conversations, tokenizer, max_length: int = 2048, batch_s
     the model's own loss as its loss_keep (loss_skip), so such a layer costs one forward per batch, not two.
     Returns layer, loss_keep, loss_skip, secant."""
     layers = _routers(model)
-    device = next(model.parameters()).device
-    rows = tokenize_conversations(tokenizer, conversations, max_length)
-    n_labels = sum(map(num_labels, rows))
-    pad = pad_id(tokenizer)
-    batches = [{k: v.to(device) for k, v in collate(rows[s : s + batch_size], pad).items()}
-               for s in range(0, len(rows), batch_size)]
+    batches, n_labels = _labelled_batches(model, conversations, tokenizer, max_length, batch_size)
 
     def loss() -> tuple[float, dict[int, tuple[float, float]]]:
         total, counts = 0.0, {}

@@ -11,7 +11,7 @@ from ..experiments import load_base_model, profile_train_config, speedup_cells
 from ..paper import PAPER_MODELS, PAPER_TABLE5
 from ..plots import baseline, ci_yerr, save_figure
 from .protocol import (CAPACITY, Study, dense_row, mindskip_config, reference_for, resolved, score_row, shots_label,
-                       timing_pool, tuned_run)
+                       task_means, timing_pool, tuned_run)
 
 NAME = "06_across_models"
 SETTINGS = {  # models, evaluation and timing sizes; tuning budget from experiments.PROFILES (shared by notebooks)
@@ -83,7 +83,7 @@ def _per_task(fid, model: str, n_boot: int) -> pd.DataFrame:
     docs = fid.choice_frame()
     acc = task_average(docs.assign(d=100 * (docs.accuracy - docs.ref_accuracy)), "d", n_boot)["tasks"]
     kl = task_average(docs, "kl", n_boot)["tasks"]
-    means = docs.groupby(level="task", sort=False).mean()
+    means = task_means(fid)
     return pd.DataFrame([{"model": model, "task": t, "n": acc[t]["n"], "dense": 100 * m.ref_accuracy,
                           "routed": 100 * m.accuracy, "diff": acc[t]["value"], "ci_low": acc[t]["ci_low"],
                           "ci_high": acc[t]["ci_high"], "kl": kl[t]["value"], "kl_ci_low": kl[t]["ci_low"],
