@@ -4,8 +4,8 @@ For each model and shot setting, every task is scored on the same seeded ``--lim
 when it is smaller), with a 95% CI (normal approximation, ``1.96 * stderr``) beside the chance level (mean of
 1 / number of choices; BoolQ and RTE also have a majority-class rate, printed as ``majority``). A task is
 ``above chance`` when its CI's lower end clears both. Results are cached per task by ``evaluate``, so an
-interrupted run resumes where it stopped. Writes ``results/task_selection/task_selection.{csv,md}`` and
-``run.json``.
+interrupted run resumes where it stopped. Writes ``results/task_selection/task_selection.{csv,md}`` (rows of
+earlier runs kept, this run's replace theirs) and appends this run's record to ``run.json``'s ``runs``.
 
     python benchmarks/task_selection.py --models smollm2-135m gemma3-270m --shots 0 --limit 500
     python benchmarks/task_selection.py --models smollm2-135m --shots paper --limit 500
@@ -14,6 +14,7 @@ interrupted run resumes where it stopped. Writes ``results/task_selection/task_s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import sys
@@ -29,6 +30,7 @@ from routertune_lib.reporting import run_info, write_json, write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "task_selection"
+RUNS = OUT / "run.json"
 
 
 def majority_rate(task_name: str, limit: int | None, seed: int) -> float | None:
@@ -79,17 +81,19 @@ def main(argv=None) -> None:
     new = pd.DataFrame([r for m in args.models for s in args.shots
                         for r in rows_for(m, args.tasks, s, args.limit, args.seed, args.batch_size)])
     csv = OUT / "task_selection.csv"
-    table = new
+    table, key = new, ["model", "task", "shots"]
     if csv.is_file():  # keep rows of other models / shots from earlier runs; this run's rows win
         old = pd.read_csv(csv)
-        key = ["model", "task", "shots"]
         old = old[~old.set_index(key).index.isin(new.set_index(key).index)]
         table = pd.concat([old, new], ignore_index=True)
     table = table.sort_values(["model", "shots", "task"]).reset_index(drop=True)
     write_table(table, OUT, "task_selection")
-    write_json(OUT / "run.json", {**run_info(), "command": "python " + shlex.join(sys.argv),
-                                  "wall_time_s": round(time.perf_counter() - t0, 1), "limit": args.limit,
-                                  "seed": args.seed, "batch_size": args.batch_size})
+    this = {**run_info(), "command": "python " + shlex.join(sys.argv),
+            "wall_time_s": round(time.perf_counter() - t0, 1), "limit": args.limit, "seed": args.seed,
+            "batch_size": args.batch_size, "rows": [f"{m} {t} {s}" for m, t, s in new[key].values]}
+    earlier = json.loads(RUNS.read_text()) if RUNS.is_file() else {"runs": []}
+    earlier = earlier.get("runs", [earlier])  # a record written before run.json kept every run is one run
+    write_json(RUNS, {"runs": earlier + [this]})  # every run that wrote rows of the table, oldest first
     print(table.to_markdown(index=False, floatfmt=".3f"))
 
 

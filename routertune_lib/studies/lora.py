@@ -7,13 +7,14 @@ from dataclasses import asdict
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ..evaluation import PAPER_TASKS, closer_verdict, fidelity, task_average, task_prompts
+from ..evaluation import PAPER_TASKS, fidelity, task_average, task_prompts
 from ..experiments import (load_base_model, measure_speedups, profile_train_config, routed_copy, router_record,
                            skipped_share, speedup_cells, tuned_adapter, tuned_routers)
 from ..paper import PAPER_TABLE8
 from ..plots import diff_bars, save_figure
 from ..training import LoraSettings
-from .protocol import CAPACITY, Study, calibrate, mindskip_config, reference_for, resolved, shots_label, timing_pool
+from .protocol import (CAPACITY, Study, calibrate, ci_rows, mindskip_config, reference_for, resolved, shots_label,
+                       timing_pool)
 
 NAME = "09_lora"
 SETTINGS = {  # evaluation/timing sizes and LoRA settings; model + tuning budget come from experiments.PROFILES
@@ -125,13 +126,8 @@ def _lora_router_minus_lora(docs: dict, n_boot: int) -> pd.DataFrame:
     routers) − KL(dense || routers), nats; ``holds`` when routing on LoRA costs less), paired per document."""
     cells = [("accuracy", 100 * (docs["lora_router"].accuracy - docs["lora"].accuracy), True),
              ("KL to its base, LoRA + routers minus routers", docs["lora_router"].kl - docs["router"].kl, False)]
-    rows = []
-    for metric, x, higher_better in cells:
-        ci = task_average(x.to_frame("x"), "x", n_boot)
-        for task, c in [*ci["tasks"].items(), ("average", ci)]:
-            rows.append({"task": task, "metric": metric, "n": c["n"], "diff": c["value"], "ci_low": c["ci_low"],
-                         "ci_high": c["ci_high"], "verdict": closer_verdict(c["ci_low"], c["ci_high"], higher_better)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([r for metric, x, higher_better in cells
+                         for r in ci_rows(x.to_frame("x"), "x", n_boot, metric, higher_better)])
 
 
 def plot(study: Study):

@@ -97,21 +97,28 @@ def dense_row(fid) -> dict:
             "kl_ci_low": 0.0, "kl_ci_high": 0.0, "agreement": 100.0, "executed": 1.0, "skipped share": 0.0}
 
 
+def ci_rows(frame: pd.DataFrame, col: str, n_boot: int, metric: str, higher_better: bool,
+            scale: float = 1.0) -> list[dict]:
+    """Per task and averaged over tasks (:func:`evaluation.task_average` of ``frame[col]``, per-document paired
+    differences ``a - b``): ``scale`` times the mean with its 95% CI and a verdict on "``a`` is closer to dense than
+    ``b``" (``holds``: the CI says so, ``reversed``: the CI says the opposite, ``unresolved``); ``scale > 0``."""
+    ci = task_average(frame, col, n_boot)
+    rows = []
+    for task, c in [*ci["tasks"].items(), ("average", ci)]:
+        lo, hi = scale * c["ci_low"], scale * c["ci_high"]
+        rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
+                     "ci_high": hi, "verdict": closer_verdict(lo, hi, higher_better)})
+    return rows
+
+
 def paired_rows(a, b, n_boot: int) -> list[dict]:
-    """``a`` minus ``b`` (two fidelity passes on the same documents) per metric of :data:`METRICS`, per task and
-    averaged over tasks: the paired difference with its 95% CI and a verdict on "``a`` is closer to dense than
-    ``b``" (``holds``: the CI says so, ``reversed``: the CI says the opposite, ``unresolved``)."""
+    """``a`` minus ``b`` (two fidelity passes on the same documents) per metric of :data:`METRICS`: the rows of
+    :func:`ci_rows`, per task and averaged over tasks."""
     d = a.choice_frame() - b.choice_frame()
     if d.isna().any().any():
         raise ValueError("paired_rows: the two passes scored different documents")
-    rows = []
-    for metric, (col, scale, higher_better) in METRICS.items():
-        ci = task_average(d, col, n_boot)
-        for task, c in [*ci["tasks"].items(), ("average", ci)]:
-            lo, hi = scale * c["ci_low"], scale * c["ci_high"]
-            rows.append({"task": task, "metric": metric, "n": c["n"], "diff": scale * c["value"], "ci_low": lo,
-                         "ci_high": hi, "verdict": closer_verdict(lo, hi, higher_better)})
-    return rows
+    return [r for metric, (col, scale, higher_better) in METRICS.items()
+            for r in ci_rows(d, col, n_boot, metric, higher_better, scale)]
 
 
 def calibrate(model, prompts, capacity: float, per_layer: bool, tokenizer):
