@@ -277,14 +277,23 @@ class _Trainee:
     flags: dict
     dtypes: dict
     was_training: bool
+    own_forward: object  # train_model's instance ``forward`` before accelerate wrapped it (None: the class's)
 
     def restore(self) -> None:
-        """Put back ``requires_grad`` flags, dtypes and train/eval mode (new routers keep their default flag)."""
+        """Put back ``requires_grad`` flags, dtypes, train/eval mode (new routers keep their default flag) and the
+        model's ``forward``, and unmark it as prepared: accelerate's ``prepare`` skips a model it has prepared once,
+        so a second bf16 training of the same model ran without autocast."""
         for p in self.base.parameters():
             p.requires_grad_(self.flags.get(p, True))
             p.data = p.data.to(self.dtypes.get(p, p.dtype))
         self.base.train(self.was_training)
         self.train_model.train(self.was_training)
+        for mark in ("_original_forward", "_is_accelerate_prepared"):
+            self.train_model.__dict__.pop(mark, None)
+        if self.own_forward is None:
+            self.train_model.__dict__.pop("forward", None)
+        else:
+            self.train_model.forward = self.own_forward
 
 
 def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
@@ -325,10 +334,11 @@ def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     start_step = 0 if run.state is None else _restore_checkpoint(run, base, train_model, optimizer, scheduler)
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
+    own_forward = train_model.__dict__.get("forward")  # e.g. accelerate's device-map hook; usually None
     prepared, optimizer = run.accelerator.prepare(train_model, optimizer)
     layer_ids = [i for i, layer in routed_layers(base).items() if layer.router is not None]
     return _Trainee(base, train_model, prepared, trainable, optimizer, scheduler, start_step, layer_ids, flags, dtypes,
-                    was_training)
+                    was_training, own_forward)
 
 
 def _restore_checkpoint(run: _Run, base, train_model, optimizer, scheduler) -> int:
@@ -539,7 +549,7 @@ def _result(run: _Run, t: _Trainee, outcome: _LoopOutcome, completed: bool, step
     logger.info("Router-Tuning %s at step %d in %.1f s; capacity %s; routers: %s",
                 "done" if completed else "stopped", steps, outcome.wall_time_s, last.get("capacity"), router_path)
     return TrainResult(
-        model=run.accelerator.unwrap_model(t.prepared, keep_fp32_wrapper=False), completed=completed, steps=steps,
+        model=run.accelerator.unwrap_model(t.prepared), completed=completed, steps=steps,  # forward: restore()'s
         router_path=router_path, adapter_path=adapter_path, log_path=run.output_dir / "train_log.jsonl",
         wall_time_s=outcome.wall_time_s, tokens_per_s=outcome.tokens / max(outcome.wall_time_s, 1e-9),
         peak_memory_bytes=int(peak), trainable_parameters=sum(p.numel() for p in t.trainable),

@@ -20,6 +20,7 @@ from routertune_lib.routing import (
     RoutingContext,
     RoutingTrace,
     attach_routers,
+    detach_routers,
     router_parameters,
     routed_layers,
     set_thresholds,
@@ -410,6 +411,19 @@ def test_a_second_training_in_one_process_may_change_mixed_precision(tmp_path):
         result = train_routers(model, tiny_tokenizer(), conversations(8), RouterConfig(num_layers=2),
                                _config(tmp_path, precision, mixed_precision=precision))
         assert result.completed
+
+
+def test_a_second_bf16_training_of_the_same_model_runs_under_autocast(tmp_path):
+    """A bf16 backbone with float32 routers needs autocast in every training; accelerate's ``prepare`` skips a model
+    it has prepared before, so the second training ran without it (notebook 01's second granularity failed in the
+    paper check). The model's own ``forward`` is back after each training, unmarked."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    for run in ("first", "second"):
+        result = train_routers(model, tiny_tokenizer(), conversations(8), RouterConfig(num_layers=2),
+                               _config(tmp_path, run, mixed_precision="bf16"))
+        assert result.completed and result.model is model
+        assert not vars(model).keys() & {"forward", "_original_forward", "_is_accelerate_prepared"}
+        detach_routers(model)
 
 
 # -- multi-process ---------------------------------------------------------------------------------------------------
