@@ -89,6 +89,23 @@ def test_estimate_scales_with_the_workload():
 
 
 @pytest.mark.data
+def test_offline_check_stands_in_for_gsm8k(monkeypatch):
+    """Offline (as in CI), notebook 03's GSM8K comes from the arithmetic stand-in, shaped and sized as GSM8K."""
+    from routertune_lib.evaluation import get_task, normalize_answer, tasks
+    from routertune_lib.paper_check import GSM8K_SPLITS, offline_stand_ins
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(tasks.TASK_REGISTRY, "gsm8k", tasks.TASK_REGISTRY["gsm8k"])  # restored afterwards
+    assert offline_stand_ins() == ["gsm8k"]
+    gsm8k = get_task("gsm8k")
+    docs = gsm8k.load("eval")
+    assert len(docs) == GSM8K_SPLITS["eval"] and len(gsm8k.load("fewshot")) == GSM8K_SPLITS["fewshot"]
+    arithmetic = get_task("arithmetic").load("eval")[0]
+    assert docs[0]["question"] == arithmetic["question"]
+    assert normalize_answer(gsm8k.doc_to_answer(docs[0])) == normalize_answer(arithmetic["answer"])
+
+
+@pytest.mark.data
 def test_reproduce_check_runs_a_notebook(tmp_path, capsys):
     """``reproduce --profile paper --check`` on notebook 04 (Llama-3-8B shrunk: Router-Tuning, LoRA and full
     fine-tuning at the paper's length, micro batch and bf16 autocast). The full check runs every notebook (README)."""
