@@ -333,8 +333,8 @@ def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
                                   weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     start_step = 0 if run.state is None else _restore_checkpoint(run, base, train_model, optimizer, scheduler)
-    # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     own_forward = train_model.__dict__.get("forward")  # e.g. accelerate's device-map hook; usually None
+    # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     prepared, optimizer = run.accelerator.prepare(train_model, optimizer)
     layer_ids = [i for i, layer in routed_layers(base).items() if layer.router is not None]
     return _Trainee(base, train_model, prepared, trainable, optimizer, scheduler, start_step, layer_ids, flags, dtypes,
