@@ -116,18 +116,22 @@ def shrunk_config(name_or_hub_id: str, num_layers: int = 2, hidden_size: int = 6
     """A small config of the same ``model_type`` and attention/MoE type, vocabulary, RoPE and sliding window.
 
     Heads are ``hidden_size // 16`` (head_dim 16) with the real heads : KV heads ratio (GQA stays GQA, MHA stays MHA);
-    MLP width keeps its ratio to ``hidden_size``; MoE keeps top-k, shared experts and the dense first layers with
+    MLP width keeps its ratio to ``hidden_size`` (rounded to a multiple of 8); MoE keeps top-k, shared experts and the dense first layers with
     ``num_experts`` experts (at least top-k + 1); MLA ranks are scaled to the head size. The sliding window (Mistral)
     is kept, as are ``max_position_embeddings`` unless given.
     """
     real = paper_model(name_or_hub_id).config
     c = dict(real)
     scale = hidden_size / real["hidden_size"]
+
+    def width(real_width: int) -> int:  # a multiple of 8: grouped expert matmuls need 16-byte strides in bf16
+        return max(8, 8 * round(real_width * scale / 8))
+
     heads = max(1, hidden_size // 16)
     ratio = real["num_attention_heads"] // real["num_key_value_heads"]
     c.update(num_hidden_layers=num_layers, hidden_size=hidden_size, num_attention_heads=heads,
              num_key_value_heads=max(1, heads // ratio),
-             intermediate_size=max(8, round(real["intermediate_size"] * scale)))
+             intermediate_size=width(real["intermediate_size"]))
     if "head_dim" in real or real["model_type"] in ("llama", "mistral", "qwen2", "olmoe"):
         c["head_dim"] = hidden_size // heads
     if c.get("max_window_layers") is not None:
@@ -137,9 +141,9 @@ def shrunk_config(name_or_hub_id: str, num_layers: int = 2, hidden_size: int = 6
         experts = max(num_experts, top_k + 1)
         c.update({k: experts for k in ("num_experts", "n_routed_experts") if k in real})
     if "moe_intermediate_size" in real:
-        c["moe_intermediate_size"] = max(8, round(real["moe_intermediate_size"] * scale))
+        c["moe_intermediate_size"] = width(real["moe_intermediate_size"])
     if real["model_type"] == "deepseek_v2":  # MLA: compressed KV rank and head dims scaled with the width
-        c.update(kv_lora_rank=max(8, round(real["kv_lora_rank"] * scale)), qk_nope_head_dim=16, qk_rope_head_dim=8,
+        c.update(kv_lora_rank=width(real["kv_lora_rank"]), qk_nope_head_dim=16, qk_rope_head_dim=8,
                  v_head_dim=16, first_k_dense_replace=min(real["first_k_dense_replace"], num_layers - 1))
     if max_position_embeddings is not None:
         c["max_position_embeddings"] = max_position_embeddings

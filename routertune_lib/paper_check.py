@@ -41,6 +41,7 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import itertools
 import json
@@ -114,7 +115,7 @@ def install(record: str, models_dir: str | None = None) -> None:
         importlib.import_module(info.name)
     from . import baselines, calibration, dynamics, evaluation, experiments, models, speed, training, training_cost
     from .data import cache_dir
-    from .model_configs import PAPER_CONFIGS, full_config, save_shrunk
+    from .model_configs import PAPER_CONFIGS, full_config, save_shrunk, shrunk_config
 
     offline_stand_ins()
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
@@ -131,7 +132,9 @@ def install(record: str, models_dir: str | None = None) -> None:
         if name_or_path not in PAPER_CONFIGS:
             return load_model(name_or_path, device=device, dtype=dtype)
         depth = full_config(name_or_path).num_hidden_layers  # notebooks route N // 2 or a paper's layer count
-        local = root / f"{name_or_path.replace('/', '__')}-L{depth}-d{CHECK_WIDTH}"
+        shrunk = shrunk_config(name_or_path, num_layers=depth, hidden_size=CHECK_WIDTH).to_json_string()
+        digest = hashlib.sha256(shrunk.encode()).hexdigest()[:8]  # a changed shrink is a new directory
+        local = root / f"{name_or_path.replace('/', '__')}-L{depth}-d{CHECK_WIDTH}-{digest}"
         if not local.is_dir():
             save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
         model, tokenizer = load_model(str(local), device=device, dtype=dtype or "bfloat16")

@@ -318,6 +318,14 @@ def test_evaluate_end_to_end_cache_and_records(fake_data, tmp_path):
     assert ev.choice_agreement(r1, r2) == {t: 1.0 for t in tasks}
 
 
+def test_held_out_prompts_never_repeat_a_calibration_prompt():
+    from routertune_lib.evaluation import held_out_split
+
+    prompts = ["a", "b", "c", "a", "d", "b"]  # HellaSwag's training split repeats contexts
+    assert held_out_split(prompts, 2) == (["a", "b"], ["c", "d"])
+    assert held_out_split(prompts[2:], 2) == (["c", "a"], ["d", "b"])
+
+
 def test_task_prompts_are_zero_shot_contexts_of_the_fewshot_split(fake_data):
     prompts = ev.task_prompts(["piqa", "winogrande"], 7, seed=0)
     assert len(prompts) == 7

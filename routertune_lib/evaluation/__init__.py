@@ -30,7 +30,8 @@ from .reference import (
     task_average,
 )
 from .generation import generate_until
-from .requests import FewshotSampler, build_requests, encode_pair, fewshot_sampler, task_prompts, tok_encode
+from .requests import (FewshotSampler, build_requests, encode_pair, fewshot_sampler, held_out_split, task_prompts,
+                       tok_encode)
 from .results import (EvalResults, TaskResult, bootstrap_ci, choice_agreement, closer_verdict, compare,
                       task_average_ci)
 from .scoring import (
@@ -59,7 +60,7 @@ __all__ = [
     "EvalResults", "FewshotSampler", "FidelityResults", "GenerativeTask", "MultipleChoiceTask", "ReferenceOutputs",
     "RoutingStats", "TaskResult", "all_layers_executed", "bootstrap_ci", "build_requests", "choice_agreement",
     "closer_verdict", "compare", "encode_pair", "evaluate", "fewshot_sampler", "fidelity", "generate_until",
-    "get_task", "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint", "normalize_answer", "perplexity",
-    "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_average",
+    "get_task", "held_out_split", "length_chunks", "loglikelihoods", "mean_kl", "model_fingerprint",
+    "normalize_answer", "perplexity", "prefix_families", "prefix_sharing_exact", "reference_outputs", "router_hash", "subset_indices", "task_average",
     "task_average_ci", "task_docs", "task_prompts", "tok_encode",
 ]

@@ -70,6 +70,18 @@ def task_prompts(tasks: str | Iterable[str], num_prompts: int, seed: int = 0, nu
     return out
 
 
+def held_out_split(prompts: list[str], num_calibration: int) -> tuple[list[str], list[str]]:
+    """``(calibration, held_out)``: the first ``num_calibration`` prompts, and the rest without any text the first
+    part has (tasks repeat contexts: HellaSwag's training split holds one context under several docs)."""
+    calibration = prompts[:num_calibration]
+    seen = set(calibration)
+    held_out = [t for t in prompts[num_calibration:] if t not in seen]
+    if len(held_out) < len(prompts) - num_calibration:
+        log.info("held_out_split: %d held-out prompts repeat a calibration prompt and are dropped",
+                 len(prompts) - num_calibration - len(held_out))
+    return calibration, held_out
+
+
 class FewshotSampler:
     """lm-eval 0.4.13's few-shot selection for one task: one ``random.Random(seed)`` consumed doc after doc."""
 
