@@ -476,6 +476,21 @@ def table_ablation_training(r: Results) -> str:
     return md(rows, right=("steps", "train capacity (last step)", "held-out executed at 0.5"))
 
 
+def table_ablation_pull(r: Results) -> str:
+    df = r.csv("results/12_router_ablation/cpu/decision_pull.csv")
+    rows = []
+    for state, g in df.groupby("state", sort=False):
+        lam = g.capacity_weight.iloc[0]
+        judged = g.agrees.notna().any()
+        rows.append({"routers": state, "lambda": f"{lam:g}", "switch weights (min-max)":
+                     f"{num(g.switch_weight.min(), 4)} to {num(g.switch_weight.max(), 4)}",
+                     "layers with switch weight > lambda": f"{int((g.switch_weight > lam).sum())} of {len(g)}",
+                     "layers kept (executed >= 0.5)": f"{int((g.executed >= 0.5).sum())} of {len(g)}",
+                     "hinge active": "yes" if g.hinge_active.iloc[0] else "no",
+                     "state predicted": f"{int(g.agrees.astype(bool).sum())} of {len(g)}" if judged else ""})
+    return md(rows)
+
+
 def table_ablation_fidelity(r: Results) -> str:
     df = r.csv("results/12_router_ablation/cpu/fidelity.csv")
     rows = []
@@ -505,7 +520,7 @@ TABLES = {
     "lora-router-minus-lora": table_lora_router_minus_lora, "task-selection": table_task_selection,
     "dynamics-fidelity": table_dynamics_fidelity, "headline-fidelity": table_headline_fidelity,
     "headline-paired": table_headline_paired, "ablation-training": table_ablation_training,
-    "ablation-fidelity": table_ablation_fidelity,
+    "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------

@@ -67,9 +67,11 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
         T, settings = len(S["tasks"]), 5  # tuned (2 decision rules), random router, static drop of k and k + 1
         return {"fidelity": settings * (3 * T + 2), "paired": (settings - 1) * (3 * T + 1 + 3)}
     if notebook == "12_router_ablation":
-        V, L = len(router_ablation.TRAININGS), len(run["routed_layers"])
+        chosen = run["pull_lambda"] is not None  # a variant trained with the lambda chosen from the pull
+        V, L = len(router_ablation.TRAININGS) + chosen, len(run["routed_layers"])
+        states = 1 + len(router_ablation.PULL_VARIANTS) + chosen  # the zero initialisation and trained routers
         return {"training": V, "layer_keep": V * L, "document_kl": S["held_out"],
-                "fidelity": 2 + V * len(router_ablation.RULES)}
+                "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": states * L}
     raise AssertionError(f"no expected tables for {notebook}: add them here")
 
 
