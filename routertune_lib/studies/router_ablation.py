@@ -22,7 +22,7 @@ import pandas as pd
 from ..baselines import attach_static_drop, least_important, module_importance
 from ..data import OFFLINE_MIX, load_instruction_data
 from ..dynamics import capacity_weight_for, decision_pull, document_kl, paired_difference, skip_effect
-from ..evaluation import task_prompts
+from ..evaluation import held_out_split, task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            router_record, skipped_share, tuned_routers)
 from ..plots import save_figure
@@ -72,7 +72,7 @@ def run(profile: str) -> Study:
     k = int(len(layers) * (1 - CAPACITY))  # static drop of k layers; routers calibrated to the same executed share
     capacity = 1 - k / len(layers)
     prompts = task_prompts(S["tasks"], S["calib"] + S["held_out"])
-    calibration, held_out = prompts[: S["calib"]], prompts[S["calib"]:]
+    calibration, held_out = held_out_split(prompts, S["calib"])  # held-out: no calibration text
     print(f"profile {profile}: model {study.model_label}; {len(layers)} routed layers {layers[0]}..{layers[-1]}; "
           f"static drop of {k} layers, routers calibrated to {capacity:.3f}; {len(calibration)} calibration and "
           f"{len(held_out)} held-out prompts of {S['tasks']}")
