@@ -116,9 +116,9 @@ def shrunk_config(name_or_hub_id: str, num_layers: int = 2, hidden_size: int = 6
     """A small config of the same ``model_type`` and attention/MoE type, vocabulary, RoPE and sliding window.
 
     Heads are ``hidden_size // 16`` (head_dim 16) with the real heads : KV heads ratio (GQA stays GQA, MHA stays MHA);
-    MLP width keeps its ratio to ``hidden_size`` (rounded to a multiple of 8); MoE keeps top-k, shared experts and the dense first layers with
-    ``num_experts`` experts (at least top-k + 1); MLA ranks are scaled to the head size. The sliding window (Mistral)
-    is kept, as are ``max_position_embeddings`` unless given.
+    MLP widths keep their ratio to ``hidden_size`` (rounded to a multiple of 8); MoE keeps top-k, shared experts and
+    the dense first layers with ``num_experts`` experts (at least top-k + 1); MLA ranks are scaled to the head size.
+    The sliding window (Mistral) is kept, as are ``max_position_embeddings`` unless given.
     """
     real = paper_model(name_or_hub_id).config
     c = dict(real)
