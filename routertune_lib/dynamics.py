@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from .batching import collate, num_labels, pad_id, tokenize_conversations
-from .evaluation import bootstrap_ci, closer_verdict, tok_encode
+from .evaluation import RoutingStats, bootstrap_ci, closer_verdict, tok_encode
 from .experiments import conversation_batches
 from .routing import RoutingContext, RoutingTrace, routed_layers
 from .training import label_ce_sum
@@ -364,21 +364,21 @@ def skip_effect(model, conversations, tokenizer, max_length: int = 2048, batch_s
     layers = _routers(model)
     batches, n_labels = _labelled_batches(model, conversations, tokenizer, max_length, batch_size)
 
-    def loss() -> tuple[float, dict[int, tuple[float, float]]]:
-        total, counts = 0.0, {}
+    def loss() -> tuple[float, RoutingStats]:
+        total, stats = 0.0, RoutingStats()
         for b in batches:
             ctx = RoutingContext("real", b["attention_mask"], RoutingTrace())
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], routing_context=ctx,
                         use_cache=False)
             total += float(label_ce_sum(out.logits, b["labels"])) / n_labels
-            for i, (e, n) in ctx.trace.counts().items():
-                counts[i] = (counts.get(i, (0.0, 0.0))[0] + e, counts.get(i, (0.0, 0.0))[1] + n)
-        return total, counts
+            stats.merge(RoutingStats(ctx.trace.counts()))
+        return total, stats
 
-    base, counts = loss()
+    base, stats = loss()
+    shares = stats.summary()["layers"]
     out = []
     for i, layer in layers.items():
-        executed = counts[i][0] / max(counts[i][1], 1.0)
+        executed = shares[i]
         spec, forced = layer.routing, {}
         try:
             for keep in (True, False):
