@@ -94,7 +94,8 @@ def load_base_model(model_name: str | None, **kwargs):
 _NOT_IN_KEY = ("output_dir", "save_every", "micro_batch_size")
 # options added after routers were first cached: left out of the key at these defaults (which reproduce the older
 # runs exactly), so routers tuned before the options existed stay valid
-_NEW_OPTION_DEFAULTS = {"capacity_loss": "hinge", "router_bias": False, "training_forward": "masked"}
+_NEW_OPTION_DEFAULTS = {"capacity_loss": "hinge", "capacity_weight_lr": 2.0, "router_bias": False,
+                        "training_forward": "masked"}
 
 
 def _without_new_defaults(d: dict) -> dict:
@@ -139,7 +140,7 @@ def tuned_routers(
     """Router checkpoint for ``model_name`` tuned with these settings, trained on first use and cached.
 
     The checkpoint is ``<cache_dir()>/routers/<key>.safetensors`` (written atomically; a ``.json`` beside it records
-    the key and the training summary, see :func:`router_record`). With ``train_config.lora`` the LoRA adapter trained
+    the key and the training summary, see :func:`router_record`, and ``<key>.train_log.csv`` keeps the per-step log). With ``train_config.lora`` the LoRA adapter trained
     with the routers is kept beside it as ``<key>.adapter/`` (peft ``save_pretrained``; see :func:`tuned_adapter`,
     :func:`merge_adapter`); with ``train_routers=False`` as well, the routers stay at their zero initialisation
     (every input executed, i.e. exactly the dense model), so the run is LoRA alone. Training data: the first
@@ -177,6 +178,9 @@ def tuned_routers(
             record = {"key": key, "steps": result.steps, "wall_time_s": result.wall_time_s,
                       "tokens_per_s": result.tokens_per_s, "final_capacity": result.final_capacity,
                       "final_loss": result.final_loss, "trainable_parameters": result.trainable_parameters}
+            train_log = root / f"{digest}.train_log.csv"  # per-step losses, capacities and lambda (the trajectory)
+            shutil.copyfile(result.log_path.with_suffix(".csv"), train_log)
+            record["train_log"] = str(train_log)
             tmp = root / f".{digest}.safetensors.tmp"
             shutil.copyfile(result.router_path, tmp)
             if result.adapter_path is not None:  # the adapter goes into place before the checkpoint that marks a hit

@@ -9,9 +9,12 @@ step it computes, over the global batch of ``global_batch_size`` conversations,
 
     capacity_penalty(m) = capacity_weight * ReLU(capacity_m - capacity)          capacity_loss="hinge" (the paper)
                         = capacity_weight * sum_l capacity_{m,l}                 capacity_loss="linear" (released code)
+                        = lambda_t * (capacity_m - capacity)                     capacity_loss="dual"
+    lambda_{t+1} = lambda_t + capacity_weight_lr * (capacity_t - capacity),      lambda_0 = capacity_weight
 
 where ``capacity_m`` is the executed fraction over routed layers of micro-batch ``m`` (``RoutingTrace.capacity``) and
-``capacity_{m,l}`` that of routed layer ``l``, both carrying the straight-through gradient. Both terms are normalised
+``capacity_{m,l}`` that of routed layer ``l``, both carrying the straight-through gradient; ``capacity_t`` is the
+executed fraction of step ``t``'s whole global batch (hard decisions), and ``lambda_t`` is logged and checkpointed. Both terms are normalised
 over the global batch, not per micro-batch or per process, so the gradient does not depend on ``micro_batch_size`` or
 on the number of processes (up to float error). ``TrainConfig.training_forward`` chooses how routed layers execute
 while their routers train: ``masked`` (every input computed) or ``real`` (kept inputs only; see ``routing``).
@@ -278,6 +281,7 @@ class _Trainee:
     dtypes: dict
     was_training: bool
     own_forward: object  # train_model's instance ``forward`` before accelerate wrapped it (None: the class's)
+    capacity_weight: float  # lambda of the next step (``capacity_loss="dual"`` adapts it)
 
     def restore(self) -> None:
         """Put back ``requires_grad`` flags, dtypes, train/eval mode (new routers keep their default flag) and the
@@ -333,12 +337,14 @@ def _model(run: _Run, model: nn.Module, total_steps: int) -> _Trainee:
                                   weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     start_step = 0 if run.state is None else _restore_checkpoint(run, base, train_model, optimizer, scheduler)
+    capacity_weight = run.rcfg.capacity_weight if run.state is None else run.state.get("capacity_weight",
+                                                                                         run.rcfg.capacity_weight)
     own_forward = train_model.__dict__.get("forward")  # e.g. accelerate's device-map hook; usually None
     # the scheduler is stepped by hand once per optimizer step (accelerate's wrapper would step it per process)
     prepared, optimizer = run.accelerator.prepare(train_model, optimizer)
     layer_ids = [i for i, layer in routed_layers(base).items() if layer.router is not None]
     return _Trainee(base, train_model, prepared, trainable, optimizer, scheduler, start_step, layer_ids, flags, dtypes,
-                    was_training, own_forward)
+                    was_training, own_forward, capacity_weight)
 
 
 def _restore_checkpoint(run: _Run, base, train_model, optimizer, scheduler) -> int:
@@ -378,7 +384,7 @@ def _train_step(run: _Run, data: _Data, t: _Trainee, step: int) -> tuple[dict, f
             out = t.prepared(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              routing_context=ctx, use_cache=False)
             ce = label_ce_sum(out.logits, batch["labels"])
-            penalty = capacity_penalty(ctx.trace, rcfg)
+            penalty = capacity_penalty(ctx.trace, rcfg, t.capacity_weight)
             # global-batch normalisation; x world undoes DDP's mean, x accum undoes accelerate's division
             loss = ce / max(n_labels, 1) + penalty / n_micro
             acc.backward(loss * world * run.accum)
@@ -396,11 +402,14 @@ def _train_step(run: _Run, data: _Data, t: _Trainee, step: int) -> tuple[dict, f
     ce_sum, pen_sum, tokens = stats[:3].tolist()
     executed, total = stats[3 : 3 + len(t.layer_ids)], stats[3 + len(t.layer_ids) :]
     task_loss, capacity_loss = ce_sum / max(n_labels, 1), pen_sum / n_micro
+    capacity = float(executed.sum() / total.sum().clamp_min(1))
     row = {"step": step + 1, "epoch": step // data.steps_per_epoch, "loss": task_loss + capacity_loss,
-           "task_loss": task_loss, "capacity_loss": capacity_loss,
-           "capacity": float(executed.sum() / total.sum().clamp_min(1)),
+           "task_loss": task_loss, "capacity_loss": capacity_loss, "capacity": capacity,
+           "capacity_weight": t.capacity_weight,
            **{f"capacity_L{i}": float(e / n.clamp_min(1)) for i, e, n in zip(t.layer_ids, executed, total)},
            "lr": lr, "tokens_per_s": tokens / max(time.perf_counter() - t_step, 1e-9)}
+    if rcfg.capacity_loss == "dual":  # dual ascent on the multiplier (the same value on every process)
+        t.capacity_weight += rcfg.capacity_weight_lr * (capacity - rcfg.capacity)
     return row, tokens
 
 
@@ -411,13 +420,17 @@ def label_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="sum")
 
 
-def capacity_penalty(trace: RoutingTrace, config: RouterConfig) -> torch.Tensor:
+def capacity_penalty(trace: RoutingTrace, config: RouterConfig, weight: float | None = None) -> torch.Tensor:
     """The capacity term of one forward's loss (a float32 scalar with the straight-through gradient), per
-    ``config.capacity_loss``: ``"hinge"`` ``lambda * ReLU(capacity - target)`` or ``"linear"`` ``lambda * sum over
-    routed layers of the layer's executed fraction``."""
+    ``config.capacity_loss``: ``"hinge"`` ``lambda * ReLU(capacity - target)``, ``"linear"`` ``lambda * sum over
+    routed layers of the layer's executed fraction`` or ``"dual"`` ``lambda * (capacity - target)``. ``weight``:
+    ``lambda`` (default ``config.capacity_weight``; the trainer passes the dual multiplier's current value)."""
+    weight = config.capacity_weight if weight is None else weight
     if config.capacity_loss == "hinge":
-        return config.capacity_weight * F.relu(trace.capacity().float() - config.capacity)
-    return config.capacity_weight * sum(c.float() for c in trace.layer_capacities().values())
+        return weight * F.relu(trace.capacity().float() - config.capacity)
+    if config.capacity_loss == "dual":
+        return weight * (trace.capacity().float() - config.capacity)
+    return weight * sum(c.float() for c in trace.layer_capacities().values())
 
 
 def _save_checkpoint(run: _Run, t: _Trainee, step: int) -> Path:
@@ -434,7 +447,7 @@ def _save_checkpoint(run: _Run, t: _Trainee, step: int) -> Path:
         if run.cfg.lora is not None:
             acc.unwrap_model(t.prepared).save_pretrained(tmp / "adapter")
         torch.save({"step": step, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-                    "rng": rng, "train_config": run.cfg.to_dict(), "router_config": asdict(run.rcfg)},
+                    "rng": rng, "capacity_weight": t.capacity_weight, "train_config": run.cfg.to_dict(), "router_config": asdict(run.rcfg)},
                    tmp / "trainer_state.pt")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
@@ -455,7 +468,7 @@ def _loop(run: _Run, data: _Data, t: _Trainee) -> _LoopOutcome:
     acc, cfg = run.accelerator, run.cfg
     if acc.is_main_process:
         run.output_dir.mkdir(parents=True, exist_ok=True)
-    columns = ["step", "epoch", "loss", "task_loss", "capacity_loss", "capacity",
+    columns = ["step", "epoch", "loss", "task_loss", "capacity_loss", "capacity", "capacity_weight",
                *[f"capacity_L{i}" for i in t.layer_ids], "lr", "tokens_per_s", "elapsed_s"]
     log = _StepLog(run.output_dir, columns, t.start_step, acc.is_main_process)
     logger.info("Router-Tuning: %d steps (%d per epoch), global batch %d = %d processes x %d accumulation x %d; "

@@ -33,6 +33,8 @@ def test_tuned_routers_trains_once_then_returns_the_cached_checkpoint(tmp_path, 
     assert getattr(model, "routertune", None) is None  # given model handed back dense
     record = experiments.router_record(path)
     assert record["steps"] == 2 and record["key"]["data"]["num_samples"] == 8
+    log = pd.read_csv(record["train_log"])  # the per-step log outlives the training's work directory
+    assert log.step.tolist() == [1, 2] and log.capacity.iloc[0] == 1.0 and "capacity_weight" in log
     mtime = path.stat().st_mtime_ns
 
     # same key, other micro batch and output dir (not part of the key): cached, no training

@@ -71,7 +71,9 @@ def _rows(notebook: str, run: dict) -> dict[str, int]:
         V, L = len(router_ablation.TRAININGS) + chosen, len(run["routed_layers"])
         states = 1 + len(router_ablation.PULL_VARIANTS) + chosen  # the zero initialisation and trained routers
         return {"training": V, "layer_keep": V * L, "document_kl": S["held_out"],
-                "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": states * L}
+                "fidelity": 2 + V * len(router_ablation.RULES), "decision_pull": states * L,
+                "figure4_skip_ratio": L,
+                "trajectory": sum(r["steps"] for r in run["routers"].values())}  # per variant and training step
     raise AssertionError(f"no expected tables for {notebook}: add them here")
 
 

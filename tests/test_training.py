@@ -159,6 +159,9 @@ def test_option_validation():
         RouterConfig(capacity_loss="l2")
     with pytest.raises(ValueError, match="training_forward must be one of"):
         TrainConfig(training_forward="soft")
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="capacity_weight_lr"):
+            RouterConfig(capacity_loss="dual", capacity_weight_lr=bad)
     assert RouterConfig().capacity_loss == "hinge" and TrainConfig().training_forward == "masked"
 
 
@@ -188,7 +191,7 @@ def test_hinge_is_zero_at_or_below_the_target_and_linear_sums_the_layers():
     assert capacity_penalty(_trace([0.2, 0.1]), linear).item() > 0
 
 
-@pytest.mark.parametrize("capacity_loss", ["hinge", "linear"])
+@pytest.mark.parametrize("capacity_loss", ["hinge", "linear", "dual"])
 @pytest.mark.parametrize("training_forward", ["masked", "real"])
 def test_every_loss_and_training_forward_gives_every_router_a_gradient(capacity_loss, training_forward):
     tok = tiny_tokenizer()
@@ -216,6 +219,44 @@ def test_linear_capacity_loss_pushes_capacity_below_the_hinge_target(tmp_path):
     capacities = [r["capacity"] for r in result.history]
     assert capacities[0] == 1.0 and result.history[0]["capacity_loss"] == pytest.approx(3.0)  # 3 layers at 1.0
     assert capacities[-1] < 0.5, capacities
+
+
+def test_dual_penalty_is_two_sided_and_its_multiplier_follows_the_capacity_error(tmp_path):
+    dual = RouterConfig(capacity=0.5, capacity_weight=2.0, capacity_loss="dual")
+    above, below = _trace([0.8, 0.6]), _trace([0.3, 0.1])
+    assert capacity_penalty(above, dual).item() == pytest.approx(2.0 * 0.2)
+    assert capacity_penalty(above, dual, weight=-1.0).item() == pytest.approx(-0.2)
+    penalty = capacity_penalty(below, dual)  # below the target: negative, and still a gradient (the hinge has none)
+    penalty.backward()
+    assert penalty.item() == pytest.approx(2.0 * -0.3)
+    assert all(torch.allclose(d.keep.grad, torch.full((10,), 2.0 / 20)) for d in below.decisions)
+
+    rc = RouterConfig(num_layers=3, level="token", capacity=0.5, capacity_weight=0.1, capacity_loss="dual",
+                      capacity_weight_lr=4.0)
+    # one micro-batch per step, so the logged penalty is the step's lambda times the step's capacity error
+    result = train_routers(tiny_model("llama"), tiny_tokenizer(), conversations(16), rc,
+                           _config(tmp_path, epochs=3, micro_batch_size=8))
+    rows = result.history
+    assert rows[0]["capacity_weight"] == pytest.approx(0.1) and rows[0]["capacity"] == 1.0
+    for a, b in zip(rows, rows[1:]):  # lambda_{t+1} = lambda_t + lr * (capacity_t - target)
+        assert b["capacity_weight"] == pytest.approx(a["capacity_weight"] + 4.0 * (a["capacity"] - 0.5))
+        assert a["capacity_loss"] == pytest.approx(a["capacity_weight"] * (a["capacity"] - 0.5), abs=1e-6)
+    assert "capacity_weight" in result.log_path.with_suffix(".csv").read_text().splitlines()[0].split(",")
+
+
+def test_dual_multiplier_is_checkpointed_and_resumed(tmp_path):
+    tok, data = tiny_tokenizer(), conversations(16)
+    rc = RouterConfig(num_layers=3, level="token", capacity_weight=0.1, capacity_loss="dual", capacity_weight_lr=4.0)
+    full = tiny_model("llama")
+    whole = train_routers(full, tok, data, rc, _config(tmp_path, "full", epochs=2))
+    cfg = _config(tmp_path, "resumed", epochs=2)
+    train_routers(tiny_model("llama"), tok, data, rc, cfg, stop_after=2)
+    state = torch.load(Path(cfg.output_dir) / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    assert state["capacity_weight"] == pytest.approx(whole.history[2]["capacity_weight"])
+    resumed = tiny_model("llama")
+    result = train_routers(resumed, tok, data, rc, cfg, resume=True)
+    assert [r["capacity_weight"] for r in result.history] == [r["capacity_weight"] for r in whole.history[2:]]
+    assert all(torch.equal(a, b) for a, b in zip(_routers(full).values(), _routers(resumed).values()))
 
 
 def test_router_bias_trains_and_resumes(tmp_path):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 LEVELS = ("sequence", "token")
 MODES = ("real", "masked")
-CAPACITY_LOSSES = ("hinge", "linear")
+CAPACITY_LOSSES = ("hinge", "linear", "dual")
 CHECKPOINT_FORMAT = "routertune-routers/1"
 
 
@@ -84,13 +84,20 @@ class RouterConfig:
     layers: explicit 0-based layer indices instead of ``num_layers``.
     threshold: execute when ``sigmoid(score) >= threshold``; in [0, 1].
     capacity: target executed fraction over routed layers (the ``s`` of the hinge capacity loss); in (0, 1].
-    capacity_weight: the capacity loss weight ``lambda``; >= 0.
+    capacity_weight: the capacity loss weight ``lambda`` (with ``"dual"``: its starting value); >= 0.
+    capacity_weight_lr: ``"dual"`` only: the multiplier's step per unit of capacity error per optimizer step; > 0.
     capacity_loss: the capacity term of the training loss, over the straight-through decisions of one forward:
         ``"hinge"`` (default; the paper's text): ``lambda * ReLU(c - capacity)``, ``c`` the executed fraction over
         all routed layers (``RoutingTrace.capacity``); zero at or below the target.
         ``"linear"`` (the released 2024 code, ``gradient_scale * mean(hard decision)`` per routed layer): ``lambda *
         sum over routed layers of c_l``, ``c_l`` the layer's executed fraction; no target (``capacity`` is unused),
         it pushes every layer's capacity down until the task loss balances it.
+        ``"dual"`` (not in the paper; issue 15): ``lambda_t * (c - capacity)``, two-sided, with ``lambda_t`` a
+        Lagrange multiplier that starts at ``capacity_weight`` and after every optimizer step moves by
+        ``capacity_weight_lr * (c_t - capacity)`` (``c_t`` the step's executed fraction; it may turn negative, which
+        pushes towards executing). Under Adam a layer's logit moves by the sign of ``lambda * push - pull`` alone,
+        so a fixed ``lambda`` keeps whichever layers' task pull exceeds it; the multiplier instead rises or falls
+        until the executed fraction sits at the target.
     router_bias: give each router a learnable, zero-initialised bias (per routed layer; per expert for ``experts``), so
         a layer can move its scores as a whole relative to the threshold. ``False`` (default): ``Linear(d, n,
         bias=False)``, the routers of the paper's method as implemented so far. Either way a fresh router scores 0.5.
@@ -104,6 +111,7 @@ class RouterConfig:
     capacity: float = 0.5
     capacity_weight: float = 0.1
     capacity_loss: str = "hinge"
+    capacity_weight_lr: float = 2.0
     router_bias: bool = False
 
     def __post_init__(self):
@@ -141,8 +149,12 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.capacity_weight must be >= 0, got {self.capacity_weight!r}")
         if self.capacity_loss not in CAPACITY_LOSSES:
             raise ValueError(f"RouterConfig.capacity_loss must be one of {CAPACITY_LOSSES} ('hinge': the paper's "
-                             f"ReLU(capacity - target), 'linear': the released code's summed per-layer capacity), got "
+                             f"ReLU(capacity - target), 'linear': the released code's summed per-layer capacity, "
+                             f"'dual': a multiplier adapted until the capacity sits at the target), got "
                              f"{self.capacity_loss!r}")
+        self.capacity_weight_lr = check_real(self.capacity_weight_lr, "RouterConfig.capacity_weight_lr")
+        if self.capacity_weight_lr <= 0:
+            raise ValueError(f"RouterConfig.capacity_weight_lr must be > 0, got {self.capacity_weight_lr!r}")
         if not isinstance(self.router_bias, bool):
             raise ValueError(f"RouterConfig.router_bias must be True or False, got {self.router_bias!r}")
 

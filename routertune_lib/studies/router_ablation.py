@@ -47,7 +47,13 @@ TRAININGS = {
     "hinge, real-skip, lr 1e-4": ({}, dict(training_forward="real", learning_rate=1e-4)),
     "linear, real-skip, lr 1e-4 (released code)": (dict(capacity_loss="linear"),
                                                    dict(training_forward="real", learning_rate=1e-4)),
+    "hinge, masked, 45 steps": ({}, dict(epochs=3)),  # the control for the dual variants' longer training
+    "dual, masked": (dict(capacity_loss="dual"), {}),
+    "dual, masked, 45 steps": (dict(capacity_loss="dual"), dict(epochs=3)),
+    "dual, masked, 45 steps, seed 1": (dict(capacity_loss="dual"), dict(epochs=3, seed=1)),  # data order
+    "dual, masked, 45 steps, seed 2": (dict(capacity_loss="dual"), dict(epochs=3, seed=2)),
 }
+FIGURE4_VARIANT = "dual, masked, 45 steps"  # Figure 4 (skip ratio per layer at threshold 0.5) of this variant
 PULL_VARIANTS = ("hinge, masked, profile lr", "hinge, masked, lambda 1")  # decision pull measured at their routers
 RULES = ("threshold 0.5", "per-layer calibration", "global calibration")
 TOLERANCE = 0.05  # issue 15: trained with the fixed threshold, the held-out executed share must be within this
@@ -57,8 +63,10 @@ SHARE_TOLERANCE = 0.01  # skipped share of all layers' attention (0.3 of a layer
 def run(profile: str) -> Study:
     """Measure the decision pull at the zero initialisation and the hinge weight it says keeps half the layers on;
     train (or load from the cache) each variant, decide by each rule and score on held-out prompts. Writes
-    ``training`` (per variant: steps, executed share at threshold 0.5 on held-out prompts, whether it is within
-    ``TOLERANCE`` of the target, per-layer spread), ``layer_keep`` (per variant and layer, threshold 0.5),
+    ``training`` (per variant: steps, the last step's capacity and lambda, executed share at threshold 0.5 on
+    held-out prompts, whether it is within ``TOLERANCE`` of the target, per-layer spread), ``layer_keep`` (per
+    variant and layer, threshold 0.5), ``trajectory`` (per variant and step: capacity, lambda, task loss),
+    ``figure4_skip_ratio`` (per layer: ``FIGURE4_VARIANT``'s skip ratio at threshold 0.5, and static drop's),
     ``decision_pull`` (per layer, at the zero initialisation and at the trained routers of ``PULL_VARIANTS``:
     switch weight against the variant's lambda, and whether the layer's state agrees with it),
     ``fidelity`` (per setting: executed share, mean KL and the paired differences to static drop and to the random
@@ -99,7 +107,8 @@ def run(profile: str) -> Study:
           + ("no lambda keeps half the layers on" if lam is None else
              f"lambda {lam:g} keeps {int((init.switch_weight > lam).sum())} on"))
 
-    static = attach_static_drop(copy.deepcopy(model), "attn", least_important(importance, k, layers))
+    dropped = least_important(importance, k, layers)  # static drop's layers
+    static = attach_static_drop(copy.deepcopy(model), "attn", dropped)
     random = attach_routers(copy.deepcopy(model), RouterConfig(target="attn", level="sequence", layers=layers))
     randomize_routers(random, seed=0)
     calibrate(random, calibration, capacity, True, tokenizer)
@@ -107,13 +116,15 @@ def run(profile: str) -> Study:
     kl, executed = document_kl(model, baselines, tokenizer, held_out, batch_size=S["batch_size"])
     del static, random
 
-    trained, keep_rows, records = [], [], {}
+    trained, keep_rows, records, trajectories = [], [], {}, []
     for name, (router_overrides, train_overrides) in trainings.items():
         config = RouterConfig(**{**vars(base), **router_overrides})  # the key of the other studies' routers
         train_config = profile_train_config(profile, **train_overrides)
         path = tuned_routers(P["model"], config, train_config, num_samples=P["train_samples"], model=model,
                              tokenizer=tokenizer)
         records[name] = {**router_record(path), "path": str(path)}
+        log = pd.read_csv(records[name]["train_log"])
+        trajectories.append(log[["step", "capacity", "capacity_weight", "task_loss"]].assign(variant=name))
         routed = {}
         for rule in RULES:
             r = load_routers(copy.deepcopy(model), path)
@@ -130,8 +141,9 @@ def run(profile: str) -> Study:
         trained.append({
             "variant": name, "capacity_loss": config.capacity_loss, "training_forward": train_config.training_forward,
             "router_bias": config.router_bias, "lr": train_config.learning_rate,
-            "capacity_weight": config.capacity_weight, "steps": records[name]["steps"],
+            "capacity_weight": config.capacity_weight, "seed": train_config.seed, "steps": records[name]["steps"],
             "train capacity (last step)": records[name].get("final_capacity"),
+            "lambda (last step)": float(log.capacity_weight.iloc[-1]),
             "held-out executed at 0.5": at_half["overall"],
             "within target ±0.05": bool(abs(at_half["overall"] - CAPACITY) <= TOLERANCE),
             "layer min": shares.min(), "layer max": shares.max(),
@@ -141,6 +153,13 @@ def run(profile: str) -> Study:
 
     study.table("training", pd.DataFrame(trained))
     study.table("layer_keep", pd.DataFrame(keep_rows))
+    study.table("trajectory", pd.concat(trajectories, ignore_index=True)[["variant", "step", "capacity",
+                                                                          "capacity_weight", "task_loss"]])
+    f4 = pd.DataFrame(keep_rows)
+    f4 = f4[f4.variant == FIGURE4_VARIANT].set_index("layer")["executed share"]
+    study.table("figure4_skip_ratio", pd.DataFrame({
+        "layer": layers, f"router ({FIGURE4_VARIANT}, threshold 0.5)": [1 - f4[i] for i in layers],
+        "static attention drop": [1.0 if i in dropped else 0.0 for i in layers]}))
     study.table("decision_pull", pull_table(pulls, trainings, base.capacity_weight), floatfmt=".5f")
     study.table("document_kl", kl, floatfmt=".5f")
     study.table("fidelity", fidelity_table(kl, executed, N, S["n_boot"]), floatfmt=".4f")
@@ -245,6 +264,49 @@ def figure(study: Study) -> None:
     save_figure(fig, study.out_dir, "router_ablation")
 
 
+def trajectory_figure(study: Study) -> None:
+    """Per optimizer step: each variant's training capacity (left, the target dashed) and the dual variants'
+    multiplier lambda (right); saves ``training_trajectory.png``."""
+    t = study.tables["trajectory"]
+    fig, (c, m) = plt.subplots(1, 2, figsize=(14, 4.2), gridspec_kw=dict(width_ratios=[1.4, 1]))
+    for name, g in t.groupby("variant", sort=False):
+        style = dict(lw=1.6 if name.startswith("dual") else 1.0, ls="-" if name.startswith("dual") else ":")
+        c.plot(g.step, g.capacity, label=name, **style)
+        if name.startswith("dual"):
+            m.plot(g.step, g.capacity_weight, label=name, **style)
+    for ax in (c, m):
+        ax.set_xlabel("optimizer step")
+    c.axhline(CAPACITY, color="k", ls="--", lw=0.8)
+    c.axhspan(CAPACITY - TOLERANCE, CAPACITY + TOLERANCE, color="grey", alpha=0.15, lw=0)
+    c.set_ylabel("executed fraction of the step's global batch")
+    c.set_title("training capacity (hard decisions); target 0.5 ± 0.05 shaded", fontsize=9)
+    c.legend(fontsize=6, ncol=2)
+    m.axhline(0, color="grey", lw=0.8)
+    m.set_ylabel("lambda (dual multiplier)")
+    m.set_title("lambda_t+1 = lambda_t + lr_lambda * (capacity_t - 0.5)", fontsize=9)
+    m.legend(fontsize=6)
+    fig.suptitle(f"{study.model_label}: router training trajectories (issue 15)")
+    save_figure(fig, study.out_dir, "training_trajectory")
+
+
+def figure4(study: Study) -> None:
+    """Figure 4 of the paper for ``FIGURE4_VARIANT``: skip ratio per routed layer at threshold 0.5 on the held-out
+    prompts, beside static drop's all-or-nothing; saves ``figure4_skip_ratio.png``."""
+    f4 = study.tables["figure4_skip_ratio"]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    x = np.arange(len(f4))
+    for i, col in enumerate(f4.columns[1:]):
+        ax.bar(x + (i - 0.5) * 0.4, f4[col], 0.4, label=col)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, f4.layer)
+    ax.set_xlabel("routed layer (0-based)")
+    ax.set_ylabel("skip ratio (share of held-out prompts)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Figure 4: attention skip ratio per routed layer, no calibration")
+    ax.legend(fontsize=8)
+    save_figure(fig, study.out_dir, "figure4_skip_ratio")
+
+
 def verdict(study: Study) -> str:
     """Which variants reach the target at threshold 0.5; whether the decision pull explains which layers the trained
     hinge routers keep; which settings beat static drop at the same share."""
@@ -252,6 +314,8 @@ def verdict(study: Study) -> str:
     reach = t[t["within target ±0.05"]].variant.tolist()
     lines = [f"threshold 0.5 within ±{TOLERANCE} of {CAPACITY} on held-out prompts: {reach or 'none'} "
              f"(held-out shares {', '.join(f'{v:.2f}' for v in t['held-out executed at 0.5'])})"]
+    lines.append("dynamic layers (0 < executed share < 1) at threshold 0.5: " + ", ".join(
+        f"{v} {d}" for v, d in zip(t.variant, t["dynamic layers (0 < share < 1)"])))
     init, lam = p[p.state == "zero initialisation"], study.info["pull_lambda"]
     rho = init.secant.corr(init.importance, "spearman")
     lines.append(f"at the zero initialisation the task loss's slope (the straight-through signal) says skip on "
