@@ -14,10 +14,11 @@ step it computes, over the global batch of ``global_batch_size`` conversations,
 
 where ``capacity_m`` is the executed fraction over routed layers of micro-batch ``m`` (``RoutingTrace.capacity``) and
 ``capacity_{m,l}`` that of routed layer ``l``, both carrying the straight-through gradient; ``capacity_t`` is the
-executed fraction of step ``t``'s whole global batch (hard decisions), and ``lambda_t`` is logged and checkpointed. Both terms are normalised
-over the global batch, not per micro-batch or per process, so the gradient does not depend on ``micro_batch_size`` or
-on the number of processes (up to float error). ``TrainConfig.training_forward`` chooses how routed layers execute
-while their routers train: ``masked`` (every input computed) or ``real`` (kept inputs only; see ``routing``).
+executed fraction of step ``t``'s whole global batch (hard decisions), and ``lambda_t`` is logged and checkpointed.
+Both terms are normalised over the global batch, not per micro-batch or per process, so the gradient does not depend
+on ``micro_batch_size`` or on the number of processes (up to float error). ``TrainConfig.training_forward`` chooses
+how routed layers execute while their routers train: ``masked`` (every input computed) or ``real`` (kept inputs only;
+see ``routing``).
 
 ``calibrate_thresholds`` (``calibration``, re-exported here) then sets per-layer thresholds so a trained router hits any
 requested capacity. The settings are ``train_config``'s ``TrainConfig`` and ``LoraSettings``.
@@ -435,7 +436,7 @@ def capacity_penalty(trace: RoutingTrace, config: RouterConfig, weight: float | 
 
 def _save_checkpoint(run: _Run, t: _Trainee, step: int) -> Path:
     """``checkpoints/step-NNNNNN/``: routers, adapters, ``trainer_state.pt`` (step, optimizer, scheduler, every
-    process's RNG, both configs); written to a temporary directory, then renamed."""
+    process's RNG, the capacity weight lambda, both configs); written to a temporary directory, then renamed."""
     acc = run.accelerator
     rng = gather_object([_rng_state()])
     path = run.output_dir / "checkpoints" / f"step-{step:06d}"
@@ -447,7 +448,8 @@ def _save_checkpoint(run: _Run, t: _Trainee, step: int) -> Path:
         if run.cfg.lora is not None:
             acc.unwrap_model(t.prepared).save_pretrained(tmp / "adapter")
         torch.save({"step": step, "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-                    "rng": rng, "capacity_weight": t.capacity_weight, "train_config": run.cfg.to_dict(), "router_config": asdict(run.rcfg)},
+                    "rng": rng, "capacity_weight": t.capacity_weight, "train_config": run.cfg.to_dict(),
+                    "router_config": asdict(run.rcfg)},
                    tmp / "trainer_state.pt")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -145,7 +145,8 @@ def test_capacity_loss_pushes_capacity_toward_the_target(tmp_path):
 def test_adam_from_zero_routers_makes_the_same_decisions_at_any_learning_rate_scale(tmp_path):
     """Zero-initialised routers without a bias make their decisions by the sign of ``w . x``, and Adam moves ``w``
     by ``lr`` times a direction that does not depend on ``lr`` (while ``sigmoid'`` stays ~1/4 and ``eps`` is
-    negligible), so ``lr`` scales ``w`` and changes (almost) no decision: the lr grid does not change what is learned."""
+    negligible), so ``lr`` scales ``w`` and changes (almost) no decision: the lr grid does not change what is
+    learned."""
     tok, data = tiny_tokenizer(), conversations(16)
     rc = RouterConfig(num_layers=3, level="token", capacity=0.5, capacity_weight=1.0)
     runs = {}
