@@ -142,8 +142,9 @@ def tuned_routers(
     The checkpoint is ``<cache_dir()>/routers/<key>.safetensors`` (written atomically; a ``.json`` beside it records
     the key and the training summary, see :func:`router_record`; ``<key>.train_log.csv`` keeps the per-step log).
     With ``train_config.lora`` the LoRA adapter trained with the routers is kept beside it as ``<key>.adapter/``
-    (peft ``save_pretrained``; see :func:`tuned_adapter`, :func:`merge_adapter`); with ``train_routers=False`` as well, the routers stay at their zero initialisation
-    (every input executed, i.e. exactly the dense model), so the run is LoRA alone. Training data: the first
+    (peft ``save_pretrained``; see :func:`tuned_adapter`, :func:`merge_adapter`); with ``train_routers=False`` as
+    well, the routers stay at their zero initialisation (every input executed, i.e. exactly the dense model), so the
+    run is LoRA alone. Training data: the first
     ``num_samples`` conversations of ``load_instruction_data(data_source, seed=seed)``; calibrate thresholds on
     evaluation-style text (``evaluation.task_prompts``), not on these conversations.
 
