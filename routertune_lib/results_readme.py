@@ -468,12 +468,20 @@ def table_headline_paired(r: Results) -> str:
 def table_ablation_training(r: Results) -> str:
     df = r.csv("results/12_router_ablation/cpu/training.csv")
     rows = [{"variant": x["variant"], "steps": x["steps"], "train capacity (last step)":
-             num(x["train capacity (last step)"], 3), "held-out executed at 0.5": num(x["held-out executed at 0.5"], 3),
+             num(x["train capacity (last step)"], 3), "lambda (last step)": num(x["lambda (last step)"], 2),
+             "held-out executed at 0.5": num(x["held-out executed at 0.5"], 3),
              "within 0.5 ± 0.05": "yes" if x["within target ±0.05"] else "no",
              "layer shares (min-max)": f"{num(x['layer min'], 2)}-{num(x['layer max'], 2)}",
              "dynamic layers": f"{x['dynamic layers (0 < share < 1)']} of {x['layers']}"}
             for x in df.to_dict("records")]
-    return md(rows, right=("steps", "train capacity (last step)", "held-out executed at 0.5"))
+    return md(rows, right=("steps", "train capacity (last step)", "lambda (last step)", "held-out executed at 0.5"))
+
+
+def table_ablation_figure4(r: Results) -> str:
+    df = r.csv("results/12_router_ablation/cpu/figure4_skip_ratio.csv")
+    cols = [c for c in df.columns if c != "layer"]
+    rows = [{"layer": x["layer"], **{c: num(x[c], 2) for c in cols}} for x in df.to_dict("records")]
+    return md(rows, right=("layer", *cols))
 
 
 def table_ablation_pull(r: Results) -> str:
@@ -521,6 +529,7 @@ TABLES = {
     "dynamics-fidelity": table_dynamics_fidelity, "headline-fidelity": table_headline_fidelity,
     "headline-paired": table_headline_paired, "ablation-training": table_ablation_training,
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
+    "ablation-figure4": table_ablation_figure4,
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------
