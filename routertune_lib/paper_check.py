@@ -41,6 +41,7 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import importlib
 import itertools
@@ -51,6 +52,7 @@ import os
 import pkgutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger("routertune.paper_check")
@@ -135,8 +137,11 @@ def install(record: str, models_dir: str | None = None) -> None:
         shrunk = shrunk_config(name_or_path, num_layers=depth, hidden_size=CHECK_WIDTH).to_json_string()
         digest = hashlib.sha256(shrunk.encode()).hexdigest()[:8]  # a changed shrink is a new directory
         local = root / f"{name_or_path.replace('/', '__')}-L{depth}-d{CHECK_WIDTH}-{digest}"
-        if not local.is_dir():
-            save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{local.name}.lock", "w") as lock:  # notebooks checked at once build a model once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not local.is_dir():
+                save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
         model, tokenizer = load_model(str(local), device=device, dtype=dtype or "bfloat16")
         model.config.name_or_path = name_or_path
         _record(record, kind="model", model=name_or_path, device=str(model.device), dtype=str(model.dtype))
@@ -235,43 +240,72 @@ def _with_install_cell(notebook: Path, record: Path, models_dir: Path | None) ->
     return nb
 
 
+def _execute(source: str, executed: str, cwd: str, progress_bar: bool) -> tuple[str | None, float]:
+    """Run one notebook with papermill in the ``paper`` profile (in a worker process of :func:`check_notebooks`):
+    ``(None or the notebook's error, wall seconds)``. Any exception (a failed cell, a kernel that died) is the
+    notebook's error, so that the others still run."""
+    import papermill as pm
+
+    start = time.perf_counter()
+    error = None
+    try:
+        pm.execute_notebook(source, executed, parameters={"profile": "paper"}, cwd=cwd, progress_bar=progress_bar)
+    except pm.PapermillExecutionError as err:
+        error = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {executed})"
+    except Exception as err:  # e.g. the kernel died (out of memory)
+        error = f"{type(err).__name__}: {err} (see {executed})"
+    return error, time.perf_counter() - start
+
+
 def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None,
-                    models_dir: Path | None = None) -> dict[str, dict]:
+                    models_dir: Path | None = None, jobs: int | None = None) -> dict[str, dict]:
     """Run each notebook (``only``: their stems) in the ``paper`` profile with :func:`install`; executed copies go to
     ``out_dir`` (default ``<cache_dir()>/paper-check/executed``), results under ``out_dir/results`` (never the
     paper results). Returns ``{notebook: {"records": [workload records], "error": None or the notebook's
-    exception}}``; a failing notebook does not stop the others."""
-    import papermill as pm
+    exception, "seconds": its wall time}}`` in name order; a failing notebook does not stop the others.
+
+    jobs: notebooks run at once (default: one per CPU core, at most the number of notebooks), each kernel with
+    ``cores // jobs`` torch threads (``OMP_NUM_THREADS``): the shrunk models' small matrices gain little from more
+    threads, and threads that share a core with another process wait on each other (ten times slower)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
 
     from .data import cache_dir
 
     out_dir = out_dir or cache_dir() / "paper-check" / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: dict[str, dict] = {}
+    notebooks = [nb for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")) if not only or nb.stem in only]
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(notebooks)))
     library = str(Path(__file__).resolve().parent.parent)  # the kernel imports this checkout's routertune_lib
-    env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"),
+    env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"), "OMP_NUM_THREADS": str(max(1, cores // jobs)),
            "PYTHONPATH": os.pathsep.join(filter(None, [library, os.environ.get("PYTHONPATH")]))}
     previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits them
+    os.environ.update(env)  # the workers and their kernels inherit them
     try:
-        for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")):
-            if only and nb.stem not in only:
-                continue
-            with tempfile.TemporaryDirectory(prefix="paper-check-") as tmp:
-                record = Path(tmp) / "record.jsonl"
+        with tempfile.TemporaryDirectory(prefix="paper-check-") as tmp, \
+                ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            runs = {}
+            for nb in notebooks:
+                record = Path(tmp) / f"{nb.stem}.jsonl"
                 record.touch()
                 source = Path(tmp) / nb.name
                 source.write_text(json.dumps(_with_install_cell(nb, record, models_dir)))
                 log.info("check %s (profile paper, shrunk models) -> %s", nb.name, out_dir / nb.name)
-                error = None
-                try:
-                    pm.execute_notebook(str(source), str(out_dir / nb.name), parameters={"profile": "paper"},
-                                        cwd=str(notebooks_dir))
-                except pm.PapermillExecutionError as err:
-                    error = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {out_dir / nb.name})"
-                    log.error("%s failed: %s", nb.name, error)
-                records[nb.stem] = {"records": [json.loads(line) for line in record.read_text().splitlines()],
-                                    "error": error}
+                runs[nb.stem] = record, pool.submit(_execute, str(source), str(out_dir / nb.name),
+                                                    str(notebooks_dir), jobs == 1)
+            names = {future: name for name, (_, future) in runs.items()}
+            for future in as_completed(names):
+                error, seconds = future.result()
+                if error:
+                    log.error("%s failed after %.0f s: %s", names[future], seconds, error)
+                else:
+                    log.info("%s passed in %.0f s", names[future], seconds)
+            records: dict[str, dict] = {}
+            for name, (record, future) in runs.items():
+                error, seconds = future.result()
+                records[name] = {"records": [json.loads(line) for line in record.read_text().splitlines()],
+                                 "error": error, "seconds": seconds}
     finally:
         for k, v in previous.items():
             if v is None:
@@ -387,26 +421,34 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
 
 
 def report(records: dict[str, dict]) -> list[str]:
-    """One line per notebook: FAILED with its error, or passed; models, estimated GPU hours (by part) and peak
-    memory on :data:`GPU` (of the workload recorded up to a failure)."""
+    """One line per notebook: FAILED with its error, or passed, and its wall time on this machine; models,
+    estimated GPU hours (by part) and peak memory on :data:`GPU` (of the workload recorded up to a failure)."""
     tokens = _Tokens()
     lines = [f"Estimated for the real models on one {GPU['name']} ({GPU['mfu']:.0%} of {GPU['peak_flops'] / 1e12:.0f}"
              f" TFLOP/s bf16, {GPU['hbm_bytes_per_s'] / 1e12:.1f} TB/s; formulas: routertune_lib/paper_check.py):"]
     for nb, run in records.items():
         e = estimate(run["records"], tokens)
         parts = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in e["parts"].items())
-        status = f"FAILED {run['error']}\n    (up to the failure) " if run["error"] else "passed; "
+        seconds = run.get("seconds")
+        took = "" if seconds is None else f" {'after' if run['error'] else 'in'} {seconds:.0f} s"
+        status = f"FAILED{took} {run['error']}\n    (up to the failure) " if run["error"] else f"passed{took}; "
         lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.2f} GPU-h ({parts}); peak memory "
                      f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- EXCEEDS ONE GPU'}; models "
                      f"{', '.join(e['models'])}")
     return lines
 
 
-def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None) -> bool:
-    """:func:`check_notebooks` then :func:`report` (printed); True when every notebook passed."""
-    records = check_notebooks(notebooks_dir, only, out_dir)
+def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None,
+              jobs: int | None = None) -> bool:
+    """:func:`check_notebooks` then :func:`report` (printed, with the check's wall time); True when every notebook
+    passed."""
+    start = time.perf_counter()
+    records = check_notebooks(notebooks_dir, only, out_dir, jobs=jobs)
+    wall = time.perf_counter() - start
     stand_ins = offline_stand_ins()  # the estimate reads the same documents as the kernels did
     print("\n".join(report(records)), flush=True)
+    print(f"checked {len(records)} notebooks in {wall:.0f} s wall ({sum(r['seconds'] for r in records.values()):.0f} s "
+          f"of notebook time) on {os.cpu_count()} cores")
     if stand_ins:
         print(f"stand-in documents (hub unreachable): {', '.join(stand_ins)}; their token counts are the stand-in's")
     return not any(run["error"] for run in records.values())
