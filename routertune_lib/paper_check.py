@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import importlib
 import itertools
@@ -63,6 +64,7 @@ CHECK_NEW_TOKENS = 4  # generated tokens per timing run
 GPU = dict(name="A100 80GB", peak_flops=312e12, mfu=0.4, hbm_bytes_per_s=2.0e12, memory_bytes=80e9)
 ACT_BYTES_PER_HIDDEN = 34  # bytes per token per layer per hidden unit kept for backward (Korthikanti et al. 2022)
 PROMPT_SAMPLE = 32
+WORKLOADS = ("eval", "tune", "cost", "speed")  # record kinds the estimate counts
 GSM8K_SPLITS = {"eval": 1319, "fewshot": 7473}  # rows of openai/gsm8k "main": test, train
 
 
@@ -129,6 +131,21 @@ def install(record: str, models_dir: str | None = None) -> None:
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
+    depth = [0]  # patched calls in progress: only the outermost one's wall time is recorded
+
+    def timed(part: str, fn):
+        """``fn`` with the wall time of each outermost call recorded as a ``seconds`` entry of ``part``."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    _record(record, kind="seconds", part=part, seconds=time.perf_counter() - start)
+        return wrapper
 
     def check_load_model(name_or_path=models.DEFAULT_MODEL, device=None, dtype=None):
         if name_or_path not in PAPER_CONFIGS:
@@ -203,13 +220,14 @@ def install(record: str, models_dir: str | None = None) -> None:
         finally:
             in_cost[0] = False
 
-    for original, patched in ((load_model, check_load_model), (evaluate, check_evaluate),
-                              (train_routers, check_train_routers), (compare_settings, check_compare_settings),
-                              (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
-                              (fidelity, check_fidelity), (document_kl, check_document_kl),
-                              (importance, first(importance, 1)), (calibrate, first(calibrate, CHECK_DOCS)),
-                              (fractions, first(fractions, CHECK_DOCS))):
-        _replace_everywhere(original, patched)
+    for original, patched, part in (
+            (load_model, check_load_model, "load"), (evaluate, check_evaluate, "eval"),
+            (reference_outputs, check_reference_outputs, "eval"), (fidelity, check_fidelity, "eval"),
+            (document_kl, check_document_kl, "eval"), (train_routers, check_train_routers, "tune"),
+            (measure_method, check_measure_method, "cost"), (compare_settings, check_compare_settings, "speed"),
+            (importance, first(importance, 1), "prompts"), (calibrate, first(calibrate, CHECK_DOCS), "prompts"),
+            (fractions, first(fractions, CHECK_DOCS), "prompts")):
+        _replace_everywhere(original, timed(part, patched))
 
 
 def _replace_everywhere(original, patched) -> None:
@@ -376,7 +394,7 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
     parts: dict[str, float] = {}
     peak, models = 0.0, set()
     for r in records:
-        if r["kind"] == "model" or r["model"] is None:
+        if r["kind"] not in WORKLOADS or r["model"] is None:  # model loads, check seconds
             continue
         try:
             size, config = full_size(r["model"]), full_config(r["model"])
@@ -421,7 +439,8 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
 
 
 def report(records: dict[str, dict]) -> list[str]:
-    """One line per notebook: FAILED with its error, or passed, and its wall time on this machine; models,
+    """One line per notebook: FAILED with its error, or passed, and its wall time on this machine (by part: the
+    patched calls', and other: kernel start, imports, the notebook's own code); models,
     estimated GPU hours (by part) and peak memory on :data:`GPU` (of the workload recorded up to a failure)."""
     tokens = _Tokens()
     lines = [f"Estimated for the real models on one {GPU['name']} ({GPU['mfu']:.0%} of {GPU['peak_flops'] / 1e12:.0f}"
@@ -429,8 +448,13 @@ def report(records: dict[str, dict]) -> list[str]:
     for nb, run in records.items():
         e = estimate(run["records"], tokens)
         parts = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in e["parts"].items())
-        seconds = run.get("seconds")
-        took = "" if seconds is None else f" {'after' if run['error'] else 'in'} {seconds:.0f} s"
+        seconds, spent = run.get("seconds"), {}
+        for r in run["records"]:
+            if r["kind"] == "seconds":
+                spent[r["part"]] = spent.get(r["part"], 0.0) + r["seconds"]
+        took = "" if seconds is None else (f" {'after' if run['error'] else 'in'} {seconds:.0f} s ("
+                                           + "".join(f"{k} {v:.0f} s, " for k, v in spent.items())
+                                           + f"other {seconds - sum(spent.values()):.0f} s)")
         status = f"FAILED{took} {run['error']}\n    (up to the failure) " if run["error"] else f"passed{took}; "
         lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.2f} GPU-h ({parts}); peak memory "
                      f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- EXCEEDS ONE GPU'}; models "
