@@ -66,6 +66,7 @@ CHECK_NEW_TOKENS = 4  # generated tokens per timing run
 GPU = dict(name="A100 80GB", peak_flops=312e12, mfu=0.4, hbm_bytes_per_s=2.0e12, memory_bytes=80e9)
 ACT_BYTES_PER_HIDDEN = 34  # bytes per token per layer per hidden unit kept for backward (Korthikanti et al. 2022)
 PROMPT_SAMPLE = 32
+KEEP_FREED_BYTES = 1 << 34  # glibc thresholds in the kernels (check_notebooks)
 WORKLOADS = ("eval", "tune", "cost", "speed")  # record kinds the estimate counts
 GSM8K_SPLITS = {"eval": 1319, "fewshot": 7473}  # rows of openai/gsm8k "main": test, train
 
@@ -298,7 +299,10 @@ def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir:
 
     jobs: notebooks run at once (default: one per CPU core, at most the number of notebooks), each kernel with
     ``cores // jobs`` torch threads (``OMP_NUM_THREADS``): the shrunk models' small matrices gain little from more
-    threads, and threads that share a core with another process wait on each other (ten times slower)."""
+    threads, and threads that share a core with another process wait on each other (ten times slower). The kernels'
+    glibc keeps freed blocks up to :data:`KEEP_FREED_BYTES` for reuse (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``): the shrunk models' full-vocabulary logits are gigabytes per batch, and mapping them
+    fresh each time spent more time in page faults than in the model."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
@@ -311,6 +315,7 @@ def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir:
     jobs = max(1, min(jobs or cores, len(notebooks)))
     library = str(Path(__file__).resolve().parent.parent)  # the kernel imports this checkout's routertune_lib
     env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"), "OMP_NUM_THREADS": str(max(1, cores // jobs)),
+           **{k: str(KEEP_FREED_BYTES) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
            "PYTHONPATH": os.pathsep.join(filter(None, [library, os.environ.get("PYTHONPATH")]))}
     previous = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the workers and their kernels inherit them

@@ -138,15 +138,17 @@ def _notebook(path: Path, code: str) -> None:
 
 
 def test_check_runs_notebooks_at_once_and_reports_each(tmp_path):
-    """Notebooks checked at once: each in its own kernel with ``cores // jobs`` torch threads, in the paper profile
-    after the install cell; a failing one is reported with its error and wall time, the other still passes."""
+    """Notebooks checked at once: each in its own kernel with ``cores // jobs`` torch threads and glibc keeping
+    freed blocks, in the paper profile after the install cell; a failing one is reported with its error and wall
+    time, the other still passes."""
     import os
 
-    from routertune_lib.paper_check import check_notebooks
+    from routertune_lib.paper_check import KEEP_FREED_BYTES, check_notebooks
 
     threads = max(1, (os.cpu_count() or 1) // 2)
-    _notebook(tmp_path / "01_ok.ipynb", "import torch\n"
-              f"assert profile == 'paper' and torch.get_num_threads() == {threads}, torch.get_num_threads()")
+    _notebook(tmp_path / "01_ok.ipynb", "import os, torch\n"
+              f"assert profile == 'paper' and torch.get_num_threads() == {threads}, torch.get_num_threads()\n"
+              f"assert os.environ['MALLOC_MMAP_THRESHOLD_'] == '{KEEP_FREED_BYTES}'")
     _notebook(tmp_path / "02_fails.ipynb", "raise ValueError('broken on purpose')")
     records = check_notebooks(tmp_path, out_dir=tmp_path / "out", models_dir=tmp_path / "models", jobs=2)
     assert list(records) == ["01_ok", "02_fails"]
