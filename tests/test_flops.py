@@ -112,6 +112,36 @@ def test_expert_drop_removes_the_dropped_assignments():
     assert c.dense - c.executed == pytest.approx(dropped * 2 * 3 * 32 * 16)
 
 
+def test_deepseek_v2_counts_latent_attention_dense_first_layers_and_shared_experts():
+    """DeepSeek-V2 (notebook 08's paper model; the cpu profile times a random OLMoE only): MLA projections and
+    scores, a dense first layer, shared experts that always run; Expert Drop removes only routed assignments."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    torch.manual_seed(0)
+    d, H, nope, rope, v, rank, E, k, ff_e, ff = 32, 4, 8, 4, 8, 16, 4, 2, 16, 48
+    config = DeepseekV2Config(vocab_size=V, hidden_size=d, intermediate_size=ff, moe_intermediate_size=ff_e,
+                              num_hidden_layers=2, num_attention_heads=H, num_key_value_heads=H, n_routed_experts=E,
+                              n_shared_experts=1, num_experts_per_tok=k, first_k_dense_replace=1, kv_lora_rank=rank,
+                              q_lora_rank=None, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
+                              topk_method="greedy", n_group=1, topk_group=1, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    B, T = 2, 5
+    ids = torch.randint(1, V, (B, T), generator=torch.Generator().manual_seed(0))
+    with record_flops(model) as c:
+        model(input_ids=ids, use_cache=False)
+    per_token = 2 * d * H * (nope + rope) + 2 * H * v * d + 2 * d * (rank + rope) + 2 * rank * H * (nope + v)
+    attn = B * sum(per_token + 2 * s * H * (nope + rope + v) for s in range(1, T + 1))
+    dense_mlp = B * T * 2 * 3 * d * ff
+    moe = B * T * (2 * d * E + 2 * 3 * d * ff_e + k * 2 * 3 * d * ff_e)  # gate, one shared expert, k routed ones
+    assert c.dense == pytest.approx(2 * attn + dense_mlp + moe + B * T * 2 * d * V) and c.fraction() == 1.0
+    dropped_model = attach_expert_drop(model, {1: [0, 2]})
+    with record_flops(dropped_model) as c:
+        out = dropped_model(input_ids=ids, use_cache=False)
+    dropped = sum(n - e for e, n in out.routing.counts().values())
+    assert dropped > 0
+    assert c.dense - c.executed == pytest.approx(dropped * 2 * 3 * d * ff_e)
+
+
 def test_unsupported_architecture_is_named():
     with pytest.raises(NotImplementedError, match="qwen2_moe"):
         FlopSpec.from_config(Qwen2MoeConfig())
