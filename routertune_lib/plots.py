@@ -1,5 +1,5 @@
 """Figure helpers the study notebooks share: CI error bars, dense-baseline lines, "ours beside the paper" difference
-bars, and saving a figure atomically as PNG."""
+bars, per-layer skip-ratio bars (Figure 4), and saving a figure atomically as PNG."""
 
 from __future__ import annotations
 
@@ -40,6 +40,22 @@ def diff_bars(ax, labels, ours, ours_label: str, paper: dict | None = None,
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     return ax
+
+
+def skip_ratio_bars(ax, table, title: str) -> None:
+    """Figure 4's grouped bars: per routed layer (``table.layer``), one bar series per other column of ``table``
+    (skip ratios in [0, 1]), with the 50% line."""
+    x = np.arange(len(table))
+    cols = [c for c in table.columns if c != "layer"]
+    width = 0.8 / len(cols)
+    for i, col in enumerate(cols):
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, table[col], width, label=col)
+    baseline(ax, 0.5, "50% skip", color="gray")
+    ax.set_xticks(x, table.layer)
+    ax.set_xlabel("routed layer (0-based)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def save_figure(fig, out_dir: str | Path, name: str) -> Path:

@@ -25,7 +25,7 @@ from ..dynamics import capacity_weight_for, decision_pull, document_kl, paired_d
 from ..evaluation import held_out_split, task_prompts
 from ..experiments import (conversation_batches, load_base_model, profile_train_config, randomize_routers,
                            router_record, skipped_share, tuned_routers)
-from ..plots import save_figure
+from ..plots import save_figure, skip_ratio_bars
 from ..routing import RouterConfig, attach_routers, load_routers
 from .protocol import CALIB_MAX_LENGTH, CAPACITY, Study, calibrate, mindskip_config
 
@@ -292,18 +292,10 @@ def trajectory_figure(study: Study) -> None:
 def figure4(study: Study) -> None:
     """Figure 4 of the paper for ``FIGURE4_VARIANT``: skip ratio per routed layer at threshold 0.5 on the held-out
     prompts, beside static drop's all-or-nothing; saves ``figure4_skip_ratio.png``."""
-    f4 = study.tables["figure4_skip_ratio"]
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    x = np.arange(len(f4))
-    for i, col in enumerate(f4.columns[1:]):
-        ax.bar(x + (i - 0.5) * 0.4, f4[col], 0.4, label=col)
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(x, f4.layer)
-    ax.set_xlabel("routed layer (0-based)")
+    skip_ratio_bars(ax, study.tables["figure4_skip_ratio"],
+                    "Figure 4: attention skip ratio per routed layer, no calibration")
     ax.set_ylabel("skip ratio (share of held-out prompts)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Figure 4: attention skip ratio per routed layer, no calibration")
-    ax.legend(fontsize=8)
     save_figure(fig, study.out_dir, "figure4_skip_ratio")
 
 

@@ -15,7 +15,7 @@ from ..evaluation import PAPER_TASKS, fidelity, task_prompts
 from ..experiments import (conversation_batches, executed_fractions, load_base_model, measure_speedups,
                            profile_train_config, randomize_routers, routed_copy, speedup_cells, tuned_routers)
 from ..paper import PAPER_FIGURE2, PAPER_FIGURE4
-from ..plots import baseline, save_figure
+from ..plots import save_figure, skip_ratio_bars
 from ..routing import RouterConfig, attach_routers, load_routers, set_thresholds
 from .protocol import (CALIB_MAX_LENGTH, Study, calibrate, dense_row, mindskip_config, paired_rows, reference_for,
                        score_row, shots_label, task_means, timing_pool)
@@ -225,18 +225,9 @@ def plot_figure2(study: Study):
 
 def plot_figure4(study: Study):
     """Skip ratio per routed layer (router, global and trained threshold; Layer Drop); saves figure4_skip_ratio.png."""
-    f4 = study.tables["figure4_skip_ratio"]
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    x = np.arange(len(f4))
-    for i, col in enumerate(f4.columns[1:]):
-        ax.bar(x + (i - 1) * 0.27, f4[col], 0.27, label=col)
-    baseline(ax, 0.5, "50% skip", color="gray")
-    ax.set_xticks(x, f4.layer)
-    ax.set_xlabel("routed layer (0-based)")
+    skip_ratio_bars(ax, study.tables["figure4_skip_ratio"], "Figure 4: attention skip ratio per routed layer")
     ax.set_ylabel("skip ratio (share of sequences)")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Figure 4: attention skip ratio per routed layer")
-    ax.legend(fontsize=8)
     save_figure(fig, study.out_dir, "figure4_skip_ratio")
     return fig
 
