@@ -4,7 +4,8 @@ Trained variants (``TRAININGS``): the capacity loss (``hinge``, the paper's text
 the training forward (``masked`` STE over every input; ``real`` skip as in the released code), a learnable per-layer
 bias, the learning rate (the profile's, and 1e-4 from the paper's grid) and the hinge's weight lambda (the profile's
 0.1, and the weight the decision pull at the zero initialisation says keeps half the layers on,
-``dynamics.capacity_weight_for``). Each trained router decides by three
+``dynamics.capacity_weight_for``), the number of steps (15, and 45 = 3 epochs) and the ``dual`` capacity loss (an
+adapted multiplier, not in the paper; at 45 steps in three data orders). Each trained router decides by three
 rules: the fixed threshold 0.5 it was trained with (no calibration), per-layer calibration and one global threshold,
 both calibrated on unlabelled prompts to the executed share of static drop of ``k`` layers. Every setting is scored
 on *different* held-out prompts by its per-prompt KL(dense || model), paired with static attention drop of the same
