@@ -144,9 +144,9 @@ def tuned_routers(
     With ``train_config.lora`` the LoRA adapter trained with the routers is kept beside it as ``<key>.adapter/``
     (peft ``save_pretrained``; see :func:`tuned_adapter`, :func:`merge_adapter`); with ``train_routers=False`` as
     well, the routers stay at their zero initialisation (every input executed, i.e. exactly the dense model), so the
-    run is LoRA alone. Training data: the first
-    ``num_samples`` conversations of ``load_instruction_data(data_source, seed=seed)``; calibrate thresholds on
-    evaluation-style text (``evaluation.task_prompts``), not on these conversations.
+    run is LoRA alone. Training data: the first ``num_samples`` conversations of
+    ``load_instruction_data(data_source, seed=seed)``; calibrate thresholds on evaluation-style text
+    (``evaluation.task_prompts``), not on these conversations.
 
     model_name: a ``load_model`` name, or ``None`` for ``tiny_random_model()`` (smoke runs).
     model, tokenizer: an already loaded copy of that model (without routers) to avoid loading it again; it is trained

@@ -153,11 +153,11 @@ def run(profile: str) -> Study:
         del routed
 
     study.table("training", pd.DataFrame(trained))
-    study.table("layer_keep", pd.DataFrame(keep_rows))
+    keep = pd.DataFrame(keep_rows)
+    study.table("layer_keep", keep)
     study.table("trajectory", pd.concat(trajectories, ignore_index=True)[["variant", "step", "capacity",
                                                                           "capacity_weight", "task_loss"]])
-    f4 = pd.DataFrame(keep_rows)
-    f4 = f4[f4.variant == FIGURE4_VARIANT].set_index("layer")["executed share"]
+    f4 = keep[keep.variant == FIGURE4_VARIANT].set_index("layer")["executed share"]
     study.table("figure4_skip_ratio", pd.DataFrame({
         "layer": layers, f"router ({FIGURE4_VARIANT}, threshold 0.5)": [1 - f4[i] for i in layers],
         "static attention drop": [1.0 if i in dropped else 0.0 for i in layers]}))
