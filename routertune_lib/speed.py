@@ -156,7 +156,7 @@ def _now(device: torch.device) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, flops=None) -> dict:
+def timed_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, flops=None) -> dict:
     """One greedy ``generate`` of exactly ``new_tokens`` tokens, timed per phase (the first forward is the prefill).
 
     Returns wall and CPU seconds per phase, the KV bytes after prefill, the prefill's routing counts and, when a
@@ -205,7 +205,7 @@ def _run_pool(model: nn.Module, prompts: torch.Tensor, batch_size: int, new_toke
     with record_flops(model) if count_flops else contextlib.nullcontext() as counter:
         for start in range(0, prompts.shape[0], batch_size):
             before = (counter.executed, counter.dense) if counter is not None else None
-            r = _timed_generate(model, prompts[start : start + batch_size].to(device), new_tokens, counter)
+            r = timed_generate(model, prompts[start : start + batch_size].to(device), new_tokens, counter)
             for key in ("kv", *PHASES, *(f"{p}_cpu" for p in PHASES)):
                 total[key] = total.get(key, 0.0) + r[key]
             executed += sum(e for e, _ in r["counts"].values())

@@ -140,3 +140,22 @@ def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path):
     assert (table[table.setting == "dense"]["minus dense ms"] == 0).all()
     for suffix in (".csv", ".md", ".json", "_ops.md"):
         assert (tmp_path / f"profile_smoke_b8_t16{suffix}").is_file()
+
+
+def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path):
+    rows = benchmark("row_scaling")
+    threads = torch.get_num_threads()
+    try:
+        table = rows.main(["--smoke", "--threads", "1", "--batch-size", "4", "--repeats", "2", "--new-tokens", "3",
+                           "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(table["rows"]) == [1, 2, 3, 4]
+    full = table[table["rows"] == 4].iloc[0]
+    assert full.prefill_vs_full == 1.0 and full.decode_vs_full == 1.0  # the full batch against itself, every round
+    assert (table.prefill_s > 0).all() and (table.decode_s > 0).all()
+    assert ((table.decode_ci_low <= table.decode_vs_full) & (table.decode_vs_full <= table.decode_ci_high)).all()
+    for suffix in (".csv", ".md", ".json"):
+        assert (tmp_path / f"row_scaling_smoke_b4_t16{suffix}").is_file()
+    with pytest.raises(SystemExit, match="include the batch size 4"):
+        rows.main(["--smoke", "--batch-size", "4", "--rows", "1", "2", "--out", str(tmp_path)])
