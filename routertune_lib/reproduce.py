@@ -1,7 +1,11 @@
 """Run every notebook in ``notebooks/`` in order with papermill (``make reproduce``).
 
 Executed copies go to ``notebooks/executed/<profile>/``; a notebook whose executed copy finished is skipped, so an
-interrupted run started again continues where it stopped (``--force`` re-runs everything).
+interrupted run started again continues where it stopped (``--force`` re-runs everything). Each invocation appends
+its record to ``notebooks/executed/<profile>/reproduce.json`` (rewritten after every notebook): the code and machine
+(``reporting.run_info``), how full the cache was at the start (``cache_files``), and per notebook whether it ran or
+was skipped and its wall time; ``total_s`` sums the notebooks run. A run from an empty cache is one whose
+``cache_files`` are all 0.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from pathlib import Path
 
 PROFILES = ("smoke", "cpu", "paper")
+CACHED = ("routers", "eval")  # cache subdirectories whose contents let a run skip work (tuned routers, references)
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("routertune.reproduce")
 
@@ -45,6 +50,13 @@ def finished(executed: Path) -> bool:
         and all(c.get("metadata", {}).get("papermill", {}).get("status") == "completed" for c in cells)
         and not any(o.get("output_type") == "error" for c in cells for o in c.get("outputs", []))
     )
+
+
+def cache_files() -> dict[str, int]:
+    """Files under each of ``CACHED`` in routertune's cache (``data.cache_dir``): 0 everywhere is an empty cache."""
+    from .data import cache_dir
+
+    return {name: sum(1 for f in (cache_dir() / name).rglob("*") if f.is_file()) for name in CACHED}
 
 
 def check_parameters(notebook: Path, parameters: dict) -> None:
@@ -82,17 +94,35 @@ def run_notebooks(
         notebooks = [nb for nb in notebooks if nb.stem in only]
     out_dir = out_dir or notebooks_dir / "executed" / profile
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .reporting import run_info, write_json
+
+    records = out_dir / "reproduce.json"
+    earlier = json.loads(records.read_text())["runs"] if records.is_file() else []
+    this = {"profile": profile, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "force": force,
+            "cache_files": cache_files(), "run": run_info(), "notebooks": [], "total_s": 0.0}
     done = []
     for nb in notebooks:
         executed = out_dir / nb.name
         if finished(executed) and not force:
             log.info("skip %s (finished earlier: %s)", nb.name, executed)
+            this["notebooks"].append({"name": nb.stem, "status": "skipped", "wall_s": None})
         else:
             check_parameters(nb, {"profile": profile})
             log.info("run %s (profile=%s)", nb.name, profile)
             start = time.time()
-            pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile}, cwd=str(notebooks_dir))
-            log.info("done %s in %.0f s", nb.name, time.time() - start)
+            entry = {"name": nb.stem, "status": "running", "wall_s": None}
+            this["notebooks"].append(entry)
+            write_json(records, {"runs": earlier + [this]})
+            try:
+                pm.execute_notebook(str(nb), str(executed), parameters={"profile": profile}, cwd=str(notebooks_dir))
+            except BaseException:
+                entry.update(status="failed", wall_s=round(time.time() - start, 1))
+                write_json(records, {"runs": earlier + [this]})
+                raise
+            entry.update(status="ran", wall_s=round(time.time() - start, 1))
+            this["total_s"] = round(this["total_s"] + entry["wall_s"], 1)
+            log.info("done %s in %.0f s (this run so far: %.0f s)", nb.name, entry["wall_s"], this["total_s"])
+        write_json(records, {"runs": earlier + [this]})
         done.append(executed)
     return done
 

@@ -118,3 +118,32 @@ def test_cli_only_errors(capsys, argv, message):
     assert message in err
     if "no_such_notebook" in argv:
         assert "00_quickstart" in err  # names the valid notebooks
+
+
+def test_each_run_appends_its_timing_record(fake_notebooks, tmp_path, monkeypatch):
+    import json
+
+    import papermill
+
+    monkeypatch.setenv("ROUTERTUNE_CACHE", str(tmp_path / "cache"))
+    src, ran = fake_notebooks
+    out = tmp_path / "executed"
+    reproduce.run_notebooks("cpu", src, out_dir=out)
+    (tmp_path / "cache" / "routers").mkdir(parents=True)
+    (tmp_path / "cache" / "routers" / "r.pt").write_bytes(b"x")
+    reproduce.run_notebooks("cpu", src, out_dir=out)  # both finished: skipped
+    first, second = json.loads((out / "reproduce.json").read_text())["runs"]
+    assert first["cache_files"] == {"routers": 0, "eval": 0} and second["cache_files"] == {"routers": 1, "eval": 0}
+    assert [(n["name"], n["status"]) for n in first["notebooks"]] == [("00_a", "ran"), ("01_b", "ran")]
+    assert first["total_s"] == pytest.approx(sum(n["wall_s"] for n in first["notebooks"]))
+    assert [n["status"] for n in second["notebooks"]] == ["skipped", "skipped"] and second["total_s"] == 0
+    assert "git_commit" in first["run"] and first["profile"] == "cpu"
+
+    def fails(nb, out, **kwargs):
+        raise RuntimeError("cell failed")
+
+    monkeypatch.setattr(papermill, "execute_notebook", fails)
+    with pytest.raises(RuntimeError, match="cell failed"):
+        reproduce.run_notebooks("cpu", src, out_dir=out, force=True)
+    failed = json.loads((out / "reproduce.json").read_text())["runs"][-1]
+    assert [(n["name"], n["status"]) for n in failed["notebooks"]] == [("00_a", "failed")]
