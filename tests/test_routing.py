@@ -703,3 +703,33 @@ def test_torch_save_of_a_routed_model_round_trips(tmp_path, level, batch):
                            expected_gen)
     detach_routers(loaded)
     assert type(loaded.model.layers[3]).__name__ == "Qwen2DecoderLayer"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", ["attn", "block"])
+def test_token_level_decode_step_every_row_skips_writes_only_keys_and_values(arch, target, monkeypatch):
+    """At batch 1 every decode step is all-or-nothing; a skipped step writes its K/V (later tokens see it) and runs
+    nothing else: no queries, no kept-token path. Generation equals masked, and the cache holds every position."""
+    ids, mask = left_padded_batch()
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="token", num_layers=4))
+    mixed_routers(model, ids, mask)
+    one, one_mask = ids[-1:], mask[-1:]  # a single prompt: its decode steps are kept or skipped whole
+    kv_only, gathered = [], []
+    keys_values, kept_tokens_path = RoutedLayerMixin._keys_values, RoutedLayerMixin._attn_delta_for_tokens
+    monkeypatch.setattr(RoutedLayerMixin, "_keys_values",
+                        lambda self, x, kw: kv_only.append(x.shape[1]) or keys_values(self, x, kw))
+    monkeypatch.setattr(RoutedLayerMixin, "_attn_delta_for_tokens",
+                        lambda self, x, *a: gathered.append(x.shape[1]) or kept_tokens_path(self, x, *a))
+    with torch.no_grad():
+        with routing_mode(model, "masked"):
+            ref = model.generate(input_ids=one, attention_mask=one_mask, max_new_tokens=8, do_sample=False)
+        out = model.generate(input_ids=one, attention_mask=one_mask, max_new_tokens=8, do_sample=False,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    skipped_steps = [t for t in kv_only if t == 1]
+    assert skipped_steps, "no decode step skipped a routed layer's attention"
+    assert all(t > 1 for t in gathered)  # the kept-token path ran for the prompt only
+    assert len(kv_only) - len(skipped_steps) == len(gathered)  # ... and found its keys there
+    cache = out.past_key_values  # K/V of every position fed, in every layer (the skipped steps' included)
+    assert all(cache.get_seq_length(i) == out.sequences.shape[1] - 1 for i in range(len(cache.layers)))

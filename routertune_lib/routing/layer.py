@@ -43,11 +43,14 @@ class RoutedCacheMixin:
     """Mixed into the cache layer of a sequence-routed layer at prefill (its own class is kept: full or sliding).
 
     keep_rows: ``[B]`` bool prefill decision, reused by every decode step.
+    keep_index: ``[K]`` indices of the kept rows (``keep_rows.nonzero()``, found once at prefill: a decode step
+        needs no nonzero, and so no host-device synchronisation, to know which rows run).
     compact: True when K/V are stored for kept rows only (``keys: [K, kv_heads, S, head_dim]``, K = kept rows; a
         layer skipped by every row holds ``[0, kv_heads, S, head_dim]``: no memory, but it still knows ``S``).
     """
 
     keep_rows: torch.Tensor
+    keep_index: torch.Tensor
     compact: bool
 
     def get_seq_length(self) -> int:
@@ -161,27 +164,29 @@ class RoutedLayerMixin:
         h = hidden_states
         x = self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
         tokens = ctx.token_mask(h)  # [B, T]
-        keep, masked = self._decide(x, tokens, cache, ctx)
+        keep, masked, rows = self._decide(x, tokens, cache, ctx)
 
         attn_kwargs = dict(
             position_ids=position_ids, cache=cache, position_embeddings=position_embeddings, **kwargs
         )
         gate_attn = keep if r.target in ("attn", "block") else None
         gate_mlp = keep if r.target in ("mlp", "block") else None
-        h = self._attention_step(h, x, gate_attn, masked, attention_mask, attn_kwargs)
-        return self._mlp_step(h, gate_mlp, masked)
+        h = self._attention_step(h, x, gate_attn, masked, attention_mask, attn_kwargs, rows)
+        return self._mlp_step(h, gate_mlp, masked, rows)
 
     # -- decision -------------------------------------------------------------------------------------------------
 
-    def _decide(self, x, tokens, cache, ctx) -> tuple[torch.Tensor, bool]:
-        """Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training) and whether to run masked."""
+    def _decide(self, x, tokens, cache, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training), whether to run masked and, at
+        sequence level, the kept rows' indices ``[K]`` (token level: None)."""
         r = self.routing
         B = x.shape[0]
         train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
         masked = ctx.runs_masked(train_ste)
-        stored = None
+        stored = rows = None
         if r.level == "sequence" and cache is not None:
-            stored = getattr(_cache_layer(cache, r.layer_idx), "keep_rows", None)
+            layer = _cache_layer(cache, r.layer_idx)
+            stored, rows = getattr(layer, "keep_rows", None), getattr(layer, "keep_index", None)
 
         score = None
         if stored is not None:
@@ -201,11 +206,14 @@ class RoutedLayerMixin:
             hard = score >= r.threshold
         if r.level == "token":
             hard = hard & tokens  # padding tokens are never executed
+        elif rows is None:
+            rows = hard.nonzero().squeeze(1)  # [K]
 
         if r.level == "sequence" and cache is not None and stored is None:
             empty = cache.layers[r.layer_idx]  # nothing stored yet: this is the prefill
             routed = object.__new__(mixed_class(RoutedCacheMixin, type(empty)))
-            routed.__dict__.update(empty.__dict__, keep_rows=hard, compact=not masked and r.target in ("attn", "block"))
+            routed.__dict__.update(empty.__dict__, keep_rows=hard, keep_index=rows,
+                                   compact=not masked and r.target in ("attn", "block"))
             cache.layers[r.layer_idx] = routed
 
         keep = hard.to(x.dtype)
@@ -213,7 +221,7 @@ class RoutedLayerMixin:
             keep = keep + (score - score.detach()).to(x.dtype)
         weight = torch.ones(B, device=x.device) if r.level == "sequence" else tokens.float()
         ctx.trace.decisions.append(LayerDecision(r.layer_idx, keep, weight, score))
-        return keep, masked
+        return keep, masked, rows
 
     # -- sub-layers -----------------------------------------------------------------------------------------------
 
@@ -230,7 +238,7 @@ class RoutedLayerMixin:
         y = self.get_submodule(a.mlp)(self.get_submodule(a.pre_mlp_norm)(h))
         return _apply(_part(self, a.post_mlp_norm), y)
 
-    def _attention_step(self, h, x, gate, masked, attention_mask, attn_kwargs) -> torch.Tensor:
+    def _attention_step(self, h, x, gate, masked, attention_mask, attn_kwargs, rows) -> torch.Tensor:
         if gate is None:
             return h + self._attn_delta(x, attention_mask, attn_kwargs)
         if masked:
@@ -239,15 +247,17 @@ class RoutedLayerMixin:
             keep = gate.bool()
             if bool(keep.all()):  # every token kept: the plain path, no gather
                 return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
-            if h.shape[1] == 1 and bool(keep.any()):
-                # a decode step where some rows keep their token: the kept-token path would pad to one query per
-                # row anyway, so the plain attention (K/V written for every row, as there) with skipped rows'
-                # output zeroed does the same work without its gathers and mask building
-                delta = self._attn_delta(x, attention_mask, attn_kwargs).masked_fill(~keep[..., None], 0.0)
-                return h + _straight_through(delta, gate)
+            if h.shape[1] == 1:
+                if bool(keep.any()):
+                    # a decode step where some rows keep their token: the kept-token path would pad to one query
+                    # per row anyway, so the plain attention (K/V written for every row, as there) with skipped
+                    # rows' output zeroed does the same work without its gathers and mask building
+                    delta = self._attn_delta(x, attention_mask, attn_kwargs).masked_fill(~keep[..., None], 0.0)
+                    return h + _straight_through(delta, gate)
+                self._keys_values(x, attn_kwargs)  # a decode step every row skips: K/V written, nothing else runs
+                return h
             return h + _straight_through(self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs), gate)
-        rows = gate.bool().nonzero().squeeze(1)  # [K]
-        if rows.numel() == h.shape[0]:
+        if rows.numel() == h.shape[0]:  # rows: [K] kept sequences
             return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
         if rows.numel() == 0:
             self._advance_empty_cache(x, attn_kwargs["cache"])
@@ -258,7 +268,7 @@ class RoutedLayerMixin:
         delta = self._attn_delta(x.index_select(0, rows), _rows(attention_mask, rows), sub)
         return h.index_add(0, rows, _straight_through(delta, gate.index_select(0, rows)))
 
-    def _mlp_step(self, h, gate, masked) -> torch.Tensor:
+    def _mlp_step(self, h, gate, masked, rows) -> torch.Tensor:
         if gate is None:
             return h + self._mlp_delta(h)
         if masked:
@@ -266,7 +276,7 @@ class RoutedLayerMixin:
         B, T, d = h.shape
         flat_gate = gate if self.routing.level == "sequence" else gate.reshape(B * T)  # per row [B] / token [B*T]
         flat = h if self.routing.level == "sequence" else h.reshape(B * T, d)
-        idx = flat_gate.bool().nonzero().squeeze(1)  # kept rows / tokens [K]
+        idx = rows if self.routing.level == "sequence" else flat_gate.bool().nonzero().squeeze(1)  # kept [K]
         if idx.numel() == 0:
             return h
         if idx.numel() == flat.shape[0]:  # every row / token kept: no gather
@@ -283,6 +293,20 @@ class RoutedLayerMixin:
         empty = x.new_zeros(0, kv_heads, x.shape[1], attn.head_dim)
         cache.update(empty, empty, self.routing.layer_idx)
 
+    def _keys_values(self, x, attn_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``x`` [B, T, d] (keys normed and rotated as the family's attention does), appended
+        to the cache when there is one; returns the cache's (or, without one, these) ``[B, kv_heads, S, hd]``."""
+        attn = self.get_submodule(self.routing.arch.attention)
+        B, T, _ = x.shape
+        k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
+        v = attn.v_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        cos, sin = attn_kwargs["position_embeddings"]  # [1 or B, T, hd]
+        k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(k, k, cos, sin)[0]
+        cache = attn_kwargs["cache"]
+        return (k, v) if cache is None else cache.update(k, v, attn.layer_idx)
+
     def _attn_delta_for_tokens(self, x, keep, attention_mask, attn_kwargs) -> torch.Tensor:
         """Token-level attention: queries, scores and output projection for kept tokens only; K/V for all tokens.
 
@@ -294,18 +318,11 @@ class RoutedLayerMixin:
         modeling = sys.modules[type(attn).__module__]  # the family's own rotary and eager attention functions
         rope = modeling.apply_rotary_pos_emb
 
-        k = attn.k_proj(x).view(B, T, -1, hd).transpose(1, 2)  # [B, kv_heads, T, hd]
-        v = attn.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
+        k, v = self._keys_values(x, attn_kwargs)  # [B, kv_heads, S, hd]
         cos, sin = (t.expand(B, -1, -1) for t in attn_kwargs["position_embeddings"])  # [B, T, hd]
-        k = rope(k, k, cos, sin)[0]
-        cache = attn_kwargs["cache"]
-        if cache is not None:
-            k, v = cache.update(k, v, attn.layer_idx)  # [B, kv_heads, S, hd]
         counts = keep.sum(1)  # [B]
         Tq = int(counts.max())
-        if Tq == 0:  # e.g. a skipped decode step: its K/V are written, nothing else runs
+        if Tq == 0:  # every token of this forward skips: its K/V are written, nothing else runs
             return torch.zeros_like(x)
         # kept positions first, in order: q_pos [B, Tq]; slots past a row's count are padding (discarded)
         q_pos = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :Tq]
