@@ -121,6 +121,10 @@ def table_runs(r: Results) -> str:
 
 
 SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static --masked --moe --threads 2
+SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its command): table name -> file stem
+    "speed-b1": "results/speed/speed_b1_cpu", "speed-b8-t128": "results/speed/speed_b8_t128_cpu",
+    "speed-gemma": "results/speed/speed_gemma_cpu", "speed-b1-token": "results/speed/speed_b1_token_cpu"}
+ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 
 
 def _speed_ci(x: dict, col: str, sep: str = "_", digits: int = 3) -> str:
@@ -137,16 +141,33 @@ def _speed_verdict(x: dict) -> str:
     return "faster" if x["speedup_ci_low"] > 1 else "slower" if x["speedup_ci_high"] < 1 else "unresolved"
 
 
-def table_speed(r: Results) -> str:
-    df = r.csv(f"{SPEED}.csv")
-    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "setting": x["setting"],
+def table_speed(r: Results, stem: str = SPEED) -> str:
+    df = r.csv(f"{stem}.csv")
+    rows = [{"model": MODEL_NAMES.get(x["model"], x["model"]), "B": x["batch_size"], "T": x["prompt_len"],
+             "setting": x["setting"],
              "skipped": num(x["skipped_share"], 3), "FLOPs": num(x["flop_fraction"], 3),
              "end-to-end [95% CI]": _speed_ci(x, "speedup"), "vs dense": _speed_verdict(x),
              "prefill": _speed_ci(x, "speedup_prefill"), "decode": _speed_ci(x, "speedup_decode"),
              "CPU time": _speed_ci(x, "cpu_speedup"), "KV cache": num(x["kv_ratio"], 3),
              "of static drop's": _speed_ci(x, "vs_static")}
             for x in df.to_dict("records") if x["setting"] != "dense"]
-    return md(rows, right=("skipped", "FLOPs", "KV cache"))
+    return md(rows, right=("B", "T", "skipped", "FLOPs", "KV cache"))
+
+
+def _ratio_ci(x: dict, phase: str) -> str:
+    """``0.73 [0.68, 1.63]``: a row-scaling time ratio of ``phase`` with its CI."""
+    return f"{num(x[f'{phase}_vs_full'], 2)} [{num(x[f'{phase}_ci_low'], 2)}, {num(x[f'{phase}_ci_high'], 2)}]"
+
+
+def table_row_scaling(r: Results) -> str:
+    df = r.csv(f"{ROW_SCALING}.csv")
+    B = int(df["rows"].max())
+    rows = [{f"rows run (of {B})": int(x["rows"]), "prefill s": num(x["prefill_s"], 2),
+             f"prefill vs {B} rows": _ratio_ci(x, "prefill"),
+             "decode s": num(x["decode_s"], 2),
+             f"decode vs {B} rows": _ratio_ci(x, "decode")}
+            for x in df.to_dict("records")]
+    return md(rows, right=(f"rows run (of {B})", "prefill s", "decode s"))
 
 
 def table_training_cost(r: Results) -> str:
@@ -529,7 +550,8 @@ TABLES = {
     "dynamics-fidelity": table_dynamics_fidelity, "headline-fidelity": table_headline_fidelity,
     "headline-paired": table_headline_paired, "ablation-training": table_ablation_training,
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
-    "ablation-figure4": table_ablation_figure4,
+    "ablation-figure4": table_ablation_figure4, "row-scaling": table_row_scaling,
+    **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, stem in SPEED_RUNS.items()},
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------
@@ -614,7 +636,14 @@ def _ci_row(r: Results, rel: str, **where) -> str:
     return ci(*(_cell(r, rel, c, **where) for c in ("diff", "ci_low", "ci_high")))
 
 
+def _notebooks_total(r: Results) -> str:
+    """The committed notebook runs' recorded wall times, summed (each ran on its own cache state)."""
+    total = sum(r.json(f"results/{nb}/cpu/run.json")["wall_time_s"] for nb in NOTEBOOKS)
+    return f"{seconds(total)} ({total / 3600:.1f} h)"
+
+
 VALUES = {
+    "notebooks-total": _notebooks_total,
     "granularity-steps": lambda r: _steps(r.json("results/01_granularity/cpu/run.json")["tuning"]),
     "smollm2-router-steps": lambda r: _steps(r.json("results/06_across_models/cpu/run.json")["tuning"],
                                              ["smollm2-135m"]),
