@@ -120,7 +120,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; this model's settings: {list(settings)}")
     new_tokens = 3 if args.smoke else args.new_tokens
-    rows, top = [], []
+    rows, top, provenance = [], [], run_info()  # provenance at the start: the code this process imported
     for name in args.settings:
         m, mode = settings[name]
         profiled_phases(m, mode, pool[:1, :8], 2)  # warm-up
@@ -142,7 +142,7 @@ def main(argv=None):
     write_atomic(out / f"{name}_ops.md", "\n".join(top))
     write_json(out / f"{name}.json", {"command": "python benchmarks/profile_speed.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "args": vars(args), "torch_threads": torch.get_num_threads(),
-        "run": run_info()})
+        "run": provenance})
     print(table.pivot_table(index=["phase", "group"], columns="setting", values="ms").round(1).to_markdown())
     return table
 

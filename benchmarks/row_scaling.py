@@ -79,7 +79,7 @@ def main(argv=None) -> pd.DataFrame:
         torch.set_num_threads(args.threads)
     model = tiny_random_model(args.model, num_layers=2, hidden_size=64)[0] if args.smoke else load_model(args.model)[0]
     T = 16 if args.smoke else args.prompt_len
-    start = time.time()
+    start, provenance = time.time(), run_info()  # provenance at the start: the code this process imported
     table = row_costs(model, prompt_pool(model.config.vocab_size, B, T, seed=0), rows, args.new_tokens, args.repeats)
     table.insert(0, "model", args.model)
     table.insert(1, "prompt_len", T)
@@ -89,7 +89,7 @@ def main(argv=None) -> pd.DataFrame:
     write_table(table, out, name)
     command = "python " + shlex.join(["benchmarks/row_scaling.py", *(argv if argv is not None else sys.argv[1:])])
     write_json(out / f"{name}.json", {"command": command, "args": vars(args), "wall_time_s": time.time() - start,
-                                      "torch_threads": torch.get_num_threads(), "run": run_info(),
+                                      "torch_threads": torch.get_num_threads(), "run": provenance,
                                       "rows": table.to_dict(orient="records")})
     print(table.to_markdown(index=False, floatfmt=".3f"))
     return table

@@ -272,7 +272,7 @@ def main(argv=None):
     if args.estimate:
         return None
 
-    start = time.time()
+    start, provenance = time.time(), run_info()  # provenance at the start: the code this process imported
     tables = []
     for name in models:
         model = load(name, args)
@@ -292,7 +292,7 @@ def main(argv=None):
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/speed.py", *(argv if argv is not None
                                                                                        else sys.argv[1:])])
     record = {"command": command, "args": vars(args), "wall_time_s": time.time() - start,
-              "estimated_s": sum(estimates.values()), "torch_threads": torch.get_num_threads(), "run": run_info()}
+              "estimated_s": sum(estimates.values()), "torch_threads": torch.get_num_threads(), "run": provenance}
     write_table(table.drop(columns=["round_generate_s"]), out, name)
     write_atomic(out / f"{name}_summary.md", short.to_markdown(index=False) + "\n")
     write_json(out / f"{name}.json", {**record, "rows": table.to_dict(orient="records")})

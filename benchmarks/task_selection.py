@@ -77,6 +77,7 @@ def main(argv=None) -> None:
         if s != "paper" and not s.isdigit():
             raise SystemExit(f"--shots takes '0', another non-negative integer or 'paper', got {s!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    provenance = run_info()  # at the start: the code this process imported
     t0 = time.perf_counter()
     new = pd.DataFrame([r for m in args.models for s in args.shots
                         for r in rows_for(m, args.tasks, s, args.limit, args.seed, args.batch_size)])
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
         table = pd.concat([old, new], ignore_index=True)
     table = table.sort_values(["model", "shots", "task"]).reset_index(drop=True)
     write_table(table, OUT, "task_selection")
-    this = {**run_info(), "command": "python " + shlex.join(sys.argv),
+    this = {**provenance, "command": "python " + shlex.join(sys.argv),
             "wall_time_s": round(time.perf_counter() - t0, 1), "limit": args.limit, "seed": args.seed,
             "batch_size": args.batch_size, "rows": [f"{m} {t} {s}" for m, t, s in new[key].values]}
     earlier = json.loads(RUNS.read_text()) if RUNS.is_file() else {"runs": []}

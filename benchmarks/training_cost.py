@@ -58,6 +58,7 @@ def main(argv=None):
 
     start = time.time()
     passthrough = list(argv if argv is not None else sys.argv[1:])
+    provenance = run_info()  # at the start: the code this process imported
     rows = measure_methods(config, args.methods)
     df = cost_table(rows)
     print(df[COLUMNS].to_markdown(index=False, floatfmt=".4g"))
@@ -68,7 +69,7 @@ def main(argv=None):
     write_table(df[COLUMNS], args.out, name, floatfmt=".4g")
     write_json(Path(args.out) / f"{name}.json", {
         "command": "python benchmarks/training_cost.py " + " ".join(shlex.quote(a) for a in passthrough),
-        "args": vars(args), "config": config.to_dict(), "wall_time_s": time.time() - start, "run": run_info(),
+        "args": vars(args), "config": config.to_dict(), "wall_time_s": time.time() - start, "run": provenance,
         "rows": rows})
 
 
