@@ -90,7 +90,11 @@ def md(rows: list[dict], right: tuple[str, ...] = ()) -> str:
 NOTEBOOKS = ("00_quickstart", "01_granularity", "02_speed_accuracy", "03_generation_vs_attention_drop",
              "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora",
              "10_router_dynamics", "11_headline_fidelity", "12_router_ablation")
-BENCHMARKS = {"speed": "speed/speed_quick_cpu.json",
+BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/speed_b1_cpu.json",
+              "speed, batch 8, 128 tokens": "speed/speed_b8_t128_cpu.json",
+              "speed, Gemma-3-270M": "speed/speed_gemma_cpu.json",
+              "speed, token level at batch 1": "speed/speed_b1_token_cpu.json",
+              "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
               "lm-eval agreement, MMLU 5-shot": "lm_eval_agreement/smollm2-135m_papershot_limit400.json",
