@@ -72,7 +72,7 @@ def test_generation_length_is_fixed_even_when_the_model_emits_eos():
     model.generation_config.eos_token_id = int(first[0])  # greedy decoding would stop at once
     stopped = model.generate(input_ids=ids[:1], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert stopped.shape[1] < 6 + 5  # without min_new_tokens the row ends early
-    result = speed._timed_generate(model, ids[:1], 5)  # raises unless exactly 5 tokens were made
+    result = speed.timed_generate(model, ids[:1], 5)  # raises unless exactly 5 tokens were made
     assert set(result) >= {"prefill", "decode", "generate", "prefill_cpu", "decode_cpu", "generate_cpu"}
 
 
