@@ -94,6 +94,7 @@ BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/sp
               "speed, batch 8, 128 tokens": "speed/speed_b8_t128_cpu.json",
               "speed, Gemma-3-270M": "speed/speed_gemma_cpu.json",
               "speed, token level at batch 1": "speed/speed_b1_token_cpu.json",
+              "speed, MLP at batch 1": "speed/speed_b1_mlp_cpu.json",
               "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
@@ -127,7 +128,8 @@ def table_runs(r: Results) -> str:
 SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static --masked --moe --threads 2
 SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its command): table name -> file stem
     "speed-b1": "results/speed/speed_b1_cpu", "speed-b8-t128": "results/speed/speed_b8_t128_cpu",
-    "speed-gemma": "results/speed/speed_gemma_cpu", "speed-b1-token": "results/speed/speed_b1_token_cpu"}
+    "speed-gemma": "results/speed/speed_gemma_cpu", "speed-b1-token": "results/speed/speed_b1_token_cpu",
+    "speed-b1-mlp": "results/speed/speed_b1_mlp_cpu"}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 
 
