@@ -1,4 +1,4 @@
-"""What running K of a batch's B rows costs: dense generation of the first K prompts, K = 1..B, prefill and decode apart.
+"""What running K of a batch's B rows costs: dense generation on the first K prompts, K = 1..B, per phase.
 
 A sequence-level router that keeps K of a batch's B rows in a layer runs that layer on K rows; static drop runs it
 on none. So routing saves ``cost(B) - cost(K)`` of a layer where static drop saves ``cost(B)``, and the routed
