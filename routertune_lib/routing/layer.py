@@ -43,14 +43,15 @@ class RoutedCacheMixin:
     """Mixed into the cache layer of a sequence-routed layer at prefill (its own class is kept: full or sliding).
 
     keep_rows: ``[B]`` bool prefill decision, reused by every decode step.
-    keep_index: ``[K]`` indices of the kept rows (``keep_rows.nonzero()``, found once at prefill: a decode step
-        needs no nonzero, and so no host-device synchronisation, to know which rows run).
+    keep_index: ``[K]`` indices of the kept rows (``keep_rows.nonzero()``, found once at a real prefill: a decode
+        step needs no nonzero, and so no host-device synchronisation, to know which rows run); None after a masked
+        prefill, which runs every row.
     compact: True when K/V are stored for kept rows only (``keys: [K, kv_heads, S, head_dim]``, K = kept rows; a
         layer skipped by every row holds ``[0, kv_heads, S, head_dim]``: no memory, but it still knows ``S``).
     """
 
     keep_rows: torch.Tensor
-    keep_index: torch.Tensor
+    keep_index: torch.Tensor | None
     compact: bool
 
     def get_seq_length(self) -> int:
@@ -178,7 +179,7 @@ class RoutedLayerMixin:
 
     def _decide(self, x, tokens, cache, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training), whether to run masked and, at
-        sequence level, the kept rows' indices ``[K]`` (token level: None)."""
+        sequence level in real mode, the kept rows' indices ``[K]`` (token level and masked: None)."""
         r = self.routing
         B = x.shape[0]
         train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
@@ -206,7 +207,7 @@ class RoutedLayerMixin:
             hard = score >= r.threshold
         if r.level == "token":
             hard = hard & tokens  # padding tokens are never executed
-        elif rows is None:
+        elif rows is None and not masked:  # the real path's kept rows (masked runs every row: no index needed)
             rows = hard.nonzero().squeeze(1)  # [K]
 
         if r.level == "sequence" and cache is not None and stored is None:
@@ -245,10 +246,11 @@ class RoutedLayerMixin:
             return h + _gated(self._attn_delta(x, attention_mask, attn_kwargs), gate)
         if self.routing.level == "token":
             keep = gate.bool()
-            if bool(keep.all()):  # every token kept: the plain path, no gather
+            kept = int(keep.sum())  # one host read of the decision, for all three tests below
+            if kept == keep.numel():  # every token kept: the plain path, no gather
                 return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
             if h.shape[1] == 1:
-                if bool(keep.any()):
+                if kept:
                     # a decode step where some rows keep their token: the kept-token path would pad to one query
                     # per row anyway, so the plain attention (K/V written for every row, as there) with skipped
                     # rows' output zeroed does the same work without its gathers and mask building
