@@ -146,8 +146,10 @@ def main(argv=None):
         p.error(f"--num-fewshot must be an int or 'paper', not {args.num_fewshot!r}")
     tasks = list(ev.PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     logging.basicConfig(level=logging.WARNING)
+    start = time.time()
     report = run(tasks, args.limit, args.num_fewshot, args.seed, args.batch_size, args.model,
                  share_context=not args.no_share_context, repeats=args.repeats)
+    report["wall_time_s"] = time.time() - start  # the whole run: loading, both harnesses, every task
     report["command"] = shlex.join(["python", "benchmarks/lm_eval_agreement.py", *(argv or sys.argv[1:])])
     write_report(report, args.out, f"{args.model}_{args.num_fewshot}shot_limit{args.limit}")
     return 0

@@ -2,16 +2,20 @@
 
     python benchmarks/profile_speed.py                       # SmolLM2, batch 8, 512-token prompts, 16 new tokens
     python benchmarks/profile_speed.py --settings dense attn_token "attn static drop" --batch-size 1
+    python benchmarks/profile_speed.py --settings dense attn_sequence --batch-size 1 --pool 8   # 8 prompts, one by one
     python benchmarks/profile_speed.py --smoke --out /tmp/profile   # tiny random model, seconds
 
-The settings are ``benchmarks/speed.py``'s (random routers calibrated per layer to ``--capacity``, static drop of the
-same number of sub-layers), built by its own functions. Each setting runs one untimed warm-up generation, then a
-profiled prefill (one forward over the prompts, cache on) and ``--new-tokens - 1`` profiled greedy decode steps on
-that cache. Operators are grouped (``GROUPS``): matrix products, attention kernels, routing bookkeeping (index
-building, gathers and scatters, comparisons), normalisation and elementwise math, the rest; the phase's wall time
-outside any operator (Python and dispatch, under the profiler's own overhead) is its own group. Output: one row per
-setting x phase x group with milliseconds of self CPU time, its share of the phase and its difference from dense,
-written to ``<out>/<name>.{csv,md}`` with the ``--top`` operators of each setting in ``<name>_ops.md``.
+The settings are ``benchmarks/speed.py``'s (random routers calibrated per layer to ``--capacity`` of the ``--pool``
+prompts, static drop of the same number of sub-layers), built by its own functions. Each setting runs one untimed
+warm-up generation, then, for each batch of ``--batch-size`` prompts of the pool, a profiled prefill (one forward over
+the batch, cache on) and ``--new-tokens - 1`` profiled greedy decode steps on that cache; the batches' times are
+summed. Sequence-level routing needs a pool larger than the batch: a threshold calibrated on one prompt cannot give
+it a capacity of 0.5. Operators are grouped (``GROUPS``): matrix products, attention kernels, routing bookkeeping
+(index building, gathers and scatters, comparisons), normalisation and elementwise math, the rest; the phase's wall
+time outside any operator (Python and dispatch, under the profiler's own overhead) is its own group. Output: one row
+per setting x phase x group with milliseconds of self CPU time, its share of the phase, operator calls (dispatch
+overhead scales with them) and its difference from dense, written to ``<out>/<name>.{csv,md}`` with the ``--top``
+operators of each setting in ``<name>_ops.md``.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def _ops(prof, wall_s: float) -> pd.DataFrame:
     """Self CPU ms per operator, plus ``OUTSIDE``: the phase's wall time not spent inside any operator (Python,
     dispatch; negative when several threads run operators at once)."""
     rows = [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "calls": e.count}
-            for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            for e in prof.key_averages()]
     inside = sum(r["self_ms"] for r in rows)
     return pd.DataFrame(rows + [{"op": OUTSIDE, "self_ms": wall_s * 1e3 - inside, "calls": 0}])
 
@@ -96,6 +100,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--pool", type=int, default=None, help="prompts to calibrate on and profile, a multiple of "
+                   "--batch-size (default: one batch)")
     p.add_argument("--capacity", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--top", type=int, default=12)
@@ -103,6 +109,9 @@ def main(argv=None):
     p.add_argument("--name", default=None, help="default profile_<model>_b<B>_t<T>")
     p.add_argument("--out", default=str(speed_benchmark.ROOT / "results" / "speed"))
     args = p.parse_args(argv)
+    args.pool = args.pool or args.batch_size
+    if args.pool % args.batch_size:
+        p.error(f"--pool {args.pool} must be a multiple of --batch-size {args.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,7 +123,7 @@ def main(argv=None):
                                         "--targets", *targets, "--levels", *(levels or ["sequence"])])
     model = speed_benchmark.load(args.model, bench)
     T = 16 if args.smoke else args.prompt_len
-    pool = prompt_pool(model.config.vocab_size, args.batch_size, T, seed=0)
+    pool = prompt_pool(model.config.vocab_size, args.pool, T, seed=0)
     settings = speed_benchmark.dense_settings(model, pool, bench)
     unknown = [s for s in args.settings if s not in settings]
     if unknown:
@@ -124,19 +133,25 @@ def main(argv=None):
     for name in args.settings:
         m, mode = settings[name]
         profiled_phases(m, mode, pool[:1, :8], 2)  # warm-up
-        for phase, ops in profiled_phases(m, mode, pool, new_tokens).items():
+        phases = [profiled_phases(m, mode, batch, new_tokens) for batch in pool.split(args.batch_size)]
+        for phase in phases[0]:
+            ops = pd.concat([batch[phase] for batch in phases]).groupby("op", as_index=False)[["self_ms", "calls"]]
+            ops = ops.sum()  # summed over the pool's batches
             ops["group"] = ops.op.map(group_of)
             total = ops.self_ms.sum()
-            for group, ms in ops.groupby("group").self_ms.sum().items():
-                rows.append({"setting": name, "phase": phase, "group": group, "ms": ms, "share": ms / total})
-            rows.append({"setting": name, "phase": phase, "group": "total", "ms": total, "share": 1.0})
+            for group, g in ops.groupby("group"):
+                rows.append({"setting": name, "phase": phase, "group": group, "ms": g.self_ms.sum(),
+                             "share": g.self_ms.sum() / total, "calls": int(g.calls.sum())})
+            rows.append({"setting": name, "phase": phase, "group": "total", "ms": total, "share": 1.0,
+                         "calls": int(ops.calls.sum())})
             top.append(f"### {name}, {phase}\n\n" + ops.sort_values("self_ms", ascending=False).head(args.top)
                        .to_markdown(index=False, floatfmt=".2f") + "\n")
         logging.info("profiled %s", name)
     table = pd.DataFrame(rows)
     dense = table[table.setting == "dense"].set_index(["phase", "group"]).ms
     table["minus dense ms"] = [r.ms - dense.get((r.phase, r.group), 0.0) for r in table.itertuples()]
-    name = args.name or f"profile_{'smoke' if args.smoke else args.model}_b{args.batch_size}_t{T}"
+    pooled = f"_pool{args.pool}" if args.pool > args.batch_size else ""
+    name = args.name or f"profile_{'smoke' if args.smoke else args.model}_b{args.batch_size}_t{T}{pooled}"
     out = Path(args.out)
     write_table(table, out, name, floatfmt=".3f")
     write_atomic(out / f"{name}_ops.md", "\n".join(top))

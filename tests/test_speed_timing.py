@@ -142,6 +142,27 @@ def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path):
         assert (tmp_path / f"profile_smoke_b8_t16{suffix}").is_file()
 
 
+def test_profile_pool_calibrates_on_every_prompt_and_sums_their_batches(tmp_path):
+    profiler = benchmark("profile_speed")
+    threads = torch.get_num_threads()
+    try:
+        one = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size", "1",
+                             "--out", str(tmp_path)])
+        pooled = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size",
+                                "1", "--pool", "4", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "profile_smoke_b1_t16.csv").is_file() and (tmp_path / "profile_smoke_b1_t16_pool4.csv").is_file()
+    assert set(pooled.setting) == {"dense", "attn_sequence"}
+
+    def dense_calls(table):  # operator calls of dense prefills: deterministic, one batch's worth per prompt here
+        return table[(table.setting == "dense") & (table.phase == "prefill") & (table.group == "total")].calls.item()
+
+    assert dense_calls(pooled) == 4 * dense_calls(one) > 0
+    with pytest.raises(SystemExit):
+        profiler.main(["--smoke", "--settings", "dense", "--batch-size", "2", "--pool", "3", "--out", str(tmp_path)])
+
+
 def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path):
     rows = benchmark("row_scaling")
     threads = torch.get_num_threads()
