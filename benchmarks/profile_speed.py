@@ -3,10 +3,12 @@
     python benchmarks/profile_speed.py                       # SmolLM2, batch 8, 512-token prompts, 16 new tokens
     python benchmarks/profile_speed.py --settings dense attn_token "attn static drop" --batch-size 1
     python benchmarks/profile_speed.py --settings dense attn_sequence --batch-size 1 --pool 8   # 8 prompts, one by one
+    python benchmarks/profile_speed.py --model random-olmoe --settings dense experts_token "expert drop" --batch-size 1
     python benchmarks/profile_speed.py --smoke --out /tmp/profile   # tiny random model, seconds
 
 The settings are ``benchmarks/speed.py``'s (random routers calibrated per layer to ``--capacity`` of the ``--pool``
-prompts, static drop of the same number of sub-layers), built by its own functions. Each setting runs one untimed
+prompts, static drop of the same number of sub-layers; for ``random-olmoe``, its expert routers and Expert Drop),
+built by its own functions. Each setting runs one untimed
 warm-up generation, then, for each batch of ``--batch-size`` prompts of the pool, a profiled prefill (one forward over
 the batch, cache on) and ``--new-tokens - 1`` profiled greedy decode steps on that cache; the batches' times are
 summed. Sequence-level routing needs a pool larger than the batch: a threshold calibrated on one prompt cannot give
@@ -124,7 +126,8 @@ def main(argv=None):
     model = speed_benchmark.load(args.model, bench)
     T = 16 if args.smoke else args.prompt_len
     pool = prompt_pool(model.config.vocab_size, args.pool, T, seed=0)
-    settings = speed_benchmark.dense_settings(model, pool, bench)
+    moe = args.model == speed_benchmark.MOE  # notebook 08's MoE: expert routers, Expert Drop
+    settings = (speed_benchmark.moe_settings if moe else speed_benchmark.dense_settings)(model, pool, bench)
     unknown = [s for s in args.settings if s not in settings]
     if unknown:
         raise SystemExit(f"unknown settings {unknown}; this model's settings: {list(settings)}")

@@ -95,6 +95,12 @@ BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/sp
               "speed, Gemma-3-270M": "speed/speed_gemma_cpu.json",
               "speed, token level at batch 1": "speed/speed_b1_token_cpu.json",
               "speed, MLP at batch 1": "speed/speed_b1_mlp_cpu.json",
+              "speed, Gemma-3-270M at batch 1": "speed/speed_gemma_b1_t128_cpu.json",
+              "speed, MoE at 128 tokens": "speed/speed_moe_t128_cpu.json",
+              "speed, MLP at batch 8, 128 tokens": "speed/speed_b8_t128_mlp_cpu.json",
+              "speed, MLP on Gemma-3-270M": "speed/speed_gemma_mlp_cpu.json",
+              "speed, token-level attention, 11 rounds": "speed/speed_b1_attn_token_r11_cpu.json",
+              "profile, sequence level at batch 1": "speed/profile_smollm2-135m_b1_t128_pool8.json",
               "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
@@ -129,7 +135,12 @@ SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static 
 SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its command): table name -> file stem
     "speed-b1": "results/speed/speed_b1_cpu", "speed-b8-t128": "results/speed/speed_b8_t128_cpu",
     "speed-gemma": "results/speed/speed_gemma_cpu", "speed-b1-token": "results/speed/speed_b1_token_cpu",
-    "speed-b1-mlp": "results/speed/speed_b1_mlp_cpu"}
+    "speed-b1-mlp": "results/speed/speed_b1_mlp_cpu", "speed-gemma-b1": "results/speed/speed_gemma_b1_t128_cpu",
+    "speed-moe-t128": "results/speed/speed_moe_t128_cpu", "speed-b8-t128-mlp": "results/speed/speed_b8_t128_mlp_cpu",
+    "speed-gemma-mlp": "results/speed/speed_gemma_mlp_cpu",
+    "speed-b1-attn-token": "results/speed/speed_b1_attn_token_r11_cpu"}
+PROFILES = {  # benchmarks/profile_speed.py runs: table name -> file stem
+    "profile-b1-sequence": "results/speed/profile_smollm2-135m_b1_t128_pool8"}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 
 
@@ -158,6 +169,23 @@ def table_speed(r: Results, stem: str = SPEED) -> str:
              "of static drop's": _speed_ci(x, "vs_static")}
             for x in df.to_dict("records") if x["setting"] != "dense"]
     return md(rows, right=("B", "T", "skipped", "FLOPs", "KV cache"))
+
+
+def table_profile(r: Results, stem: str) -> str:
+    """Self CPU ms per operator group (operator calls in brackets), one column per setting, prefill and decode."""
+    df = r.csv(f"{stem}.csv")
+    settings = list(dict.fromkeys(df.setting))
+    groups = [g for g in dict.fromkeys(df.group) if g != "total"] + ["total"]
+    cells = df.set_index(["phase", "group", "setting"])
+    rows = []
+    for phase in ("prefill", "decode"):
+        for group in groups:
+            row = {"phase": phase, "group": f"**{group}**" if group == "total" else group}
+            for name in settings:
+                x = cells.loc[(phase, group, name)]
+                row[name] = f"{x.ms:,.0f} ({int(x.calls):,})"
+            rows.append(row)
+    return md(rows, right=tuple(settings))
 
 
 def _ratio_ci(x: dict, phase: str) -> str:
@@ -558,6 +586,7 @@ TABLES = {
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
     "ablation-figure4": table_ablation_figure4, "row-scaling": table_row_scaling,
     **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, stem in SPEED_RUNS.items()},
+    **{name: (lambda r, stem=stem: table_profile(r, stem)) for name, stem in PROFILES.items()},
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------

@@ -163,6 +163,19 @@ def test_profile_pool_calibrates_on_every_prompt_and_sums_their_batches(tmp_path
         profiler.main(["--smoke", "--settings", "dense", "--batch-size", "2", "--pool", "3", "--out", str(tmp_path)])
 
 
+def test_profile_moe_profiles_expert_routers_and_expert_drop(tmp_path):
+    profiler = benchmark("profile_speed")
+    threads = torch.get_num_threads()
+    try:
+        table = profiler.main(["--smoke", "--threads", "1", "--model", "random-olmoe", "--settings", "dense",
+                               "experts_token", "experts_token masked", "expert drop", "--batch-size", "1",
+                               "--pool", "2", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert set(table.setting) == {"dense", "experts_token", "experts_token masked", "expert drop"}
+    assert (tmp_path / "profile_smoke_b1_t16_pool2.csv").is_file()
+
+
 def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path):
     rows = benchmark("row_scaling")
     threads = torch.get_num_threads()
