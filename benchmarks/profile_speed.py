@@ -8,14 +8,14 @@
 
 The settings are ``benchmarks/speed.py``'s (random routers calibrated per layer to ``--capacity`` of the ``--pool``
 prompts, static drop of the same number of sub-layers; for ``random-olmoe``, its expert routers and Expert Drop),
-built by its own functions. Each setting runs one untimed
-warm-up generation, then, for each batch of ``--batch-size`` prompts of the pool, a profiled prefill (one forward over
-the batch, cache on) and ``--new-tokens - 1`` profiled greedy decode steps on that cache; the batches' times are
-summed. Sequence-level routing needs a pool larger than the batch: a threshold calibrated on one prompt cannot give
-it a capacity of 0.5. Operators are grouped (``GROUPS``): matrix products, attention kernels, routing bookkeeping
-(index building, gathers and scatters, comparisons), normalisation and elementwise math, the rest; the phase's wall
-time outside any operator (Python and dispatch, under the profiler's own overhead) is its own group. Output: one row
-per setting x phase x group with milliseconds of self CPU time, its share of the phase, operator calls (dispatch
+built by its own functions. Each setting runs one untimed warm-up generation, then, for each batch of
+``--batch-size`` prompts of the pool, a profiled prefill (one forward over the batch, cache on) and
+``--new-tokens - 1`` profiled greedy decode steps on that cache; the batches' times and calls are summed.
+Sequence-level routing needs a pool larger than the batch: a threshold calibrated on one prompt cannot give it a
+capacity of 0.5. Operators are grouped (``GROUPS``): matrix products, attention kernels, routing bookkeeping (index
+building, gathers and scatters, comparisons), normalisation and elementwise math, the rest; the phase's wall time
+outside any operator (Python and dispatch, under the profiler's own overhead) is its own group. Output: one row per
+setting x phase x group with milliseconds of self CPU time, its share of the phase, operator calls (dispatch
 overhead scales with them) and its difference from dense, written to ``<out>/<name>.{csv,md}`` with the ``--top``
 operators of each setting in ``<name>_ops.md``.
 """

@@ -100,7 +100,11 @@ BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/sp
               "speed, MLP at batch 8, 128 tokens": "speed/speed_b8_t128_mlp_cpu.json",
               "speed, MLP on Gemma-3-270M": "speed/speed_gemma_mlp_cpu.json",
               "speed, token-level attention, 11 rounds": "speed/speed_b1_attn_token_r11_cpu.json",
+              "speed, Gemma-3-270M at batch 8, 128 tokens": "speed/speed_gemma_b8_t128_cpu.json",
+              "speed, Gemma-3-270M at batch 1, 512 tokens": "speed/speed_gemma_b1_t512_cpu.json",
               "profile, sequence level at batch 1": "speed/profile_smollm2-135m_b1_t128_pool8.json",
+              "profile, token level and masked at batch 1": "speed/profile_smollm2-135m_b1_t128_pool2.json",
+              "profile, MoE at batch 1": "speed/profile_random-olmoe_b1_t128_pool8.json",
               "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
               "training cost": "training_cost/training_cost_smollm2-135m.json",
               "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
@@ -138,9 +142,13 @@ SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its com
     "speed-b1-mlp": "results/speed/speed_b1_mlp_cpu", "speed-gemma-b1": "results/speed/speed_gemma_b1_t128_cpu",
     "speed-moe-t128": "results/speed/speed_moe_t128_cpu", "speed-b8-t128-mlp": "results/speed/speed_b8_t128_mlp_cpu",
     "speed-gemma-mlp": "results/speed/speed_gemma_mlp_cpu",
-    "speed-b1-attn-token": "results/speed/speed_b1_attn_token_r11_cpu"}
+    "speed-b1-attn-token": "results/speed/speed_b1_attn_token_r11_cpu",
+    "speed-gemma-b8-t128": "results/speed/speed_gemma_b8_t128_cpu",
+    "speed-gemma-b1-t512": "results/speed/speed_gemma_b1_t512_cpu"}
 PROFILES = {  # benchmarks/profile_speed.py runs: table name -> file stem
-    "profile-b1-sequence": "results/speed/profile_smollm2-135m_b1_t128_pool8"}
+    "profile-b1-sequence": "results/speed/profile_smollm2-135m_b1_t128_pool8",
+    "profile-b1-token": "results/speed/profile_smollm2-135m_b1_t128_pool2",
+    "profile-moe-b1": "results/speed/profile_random-olmoe_b1_t128_pool8"}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 
 
@@ -169,6 +177,40 @@ def table_speed(r: Results, stem: str = SPEED) -> str:
              "of static drop's": _speed_ci(x, "vs_static")}
             for x in df.to_dict("records") if x["setting"] != "dense"]
     return md(rows, right=("B", "T", "skipped", "FLOPs", "KV cache"))
+
+
+def _band_verdict(low: float, point: float, high: float, lo: float, hi: float = math.inf) -> str:
+    """Where a ratio's CI lies against the target band [lo, hi]: ``met`` (CI inside), ``missed`` (CI outside),
+    else ``met at the point estimate`` / ``missed at the point estimate``."""
+    if lo <= low and high <= hi:
+        return "met"
+    if high < lo or low > hi:
+        return "missed"
+    return "met at the point estimate" if lo <= point <= hi else "missed at the point estimate"
+
+
+def table_speed_targets(r: Results) -> str:
+    """Issue 16's targets over every speed run: routed ``real`` against 0.95 of static drop, token level against
+    dense (above 1.0), ``masked`` within ±3% of dense; one row per run x workload x setting."""
+    rows = []
+    for stem in (SPEED, *SPEED_RUNS.values()):
+        for x in r.csv(f"{stem}.csv").to_dict("records"):
+            setting = x["setting"]
+            if setting == "dense" or "drop" in setting:
+                continue
+            masked = setting.endswith("masked")
+            token = not masked and setting.endswith("_token")
+            rows.append({
+                "run": f"`{Path(stem).name}`", "model": MODEL_NAMES.get(x["model"], x["model"]),
+                "B": x["batch_size"], "T": x["prompt_len"], "setting": setting,
+                "vs dense": _speed_ci(x, "speedup"),
+                "of static drop's": "" if masked else _speed_ci(x, "vs_static"),
+                "0.95 of static drop": "" if masked or pd.isna(x["vs_static"]) else _band_verdict(
+                    x["vs_static_ci_low"], x["vs_static"], x["vs_static_ci_high"], 0.95),
+                "token level above dense": _speed_verdict(x) if token else "",
+                "masked within ±3%": _band_verdict(x["speedup_ci_low"], x["speedup"], x["speedup_ci_high"], 0.97,
+                                                   1.03) if masked else ""})
+    return md(rows, right=("B", "T"))
 
 
 def table_profile(r: Results, stem: str) -> str:
@@ -585,6 +627,7 @@ TABLES = {
     "headline-paired": table_headline_paired, "ablation-training": table_ablation_training,
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
     "ablation-figure4": table_ablation_figure4, "row-scaling": table_row_scaling,
+    "speed-targets": table_speed_targets,
     **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, stem in SPEED_RUNS.items()},
     **{name: (lambda r, stem=stem: table_profile(r, stem)) for name, stem in PROFILES.items()},
 }
