@@ -94,6 +94,14 @@ def test_real_tiny_settings_report_flops_kv_and_skipping():
     assert all(r.repeats == 1 and r.ci_coverage == 0.0 for r in rows.values())
 
 
+@pytest.fixture
+def keep_threads():
+    """Restores torch's thread count after the test: the benchmarks' ``main(["--threads", ...])`` sets it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def benchmark(name: str = "speed"):
     """``benchmarks/<name>.py`` as a module."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
@@ -103,13 +111,10 @@ def benchmark(name: str = "speed"):
     return bench
 
 
-def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path):
+def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path, keep_threads):
     bench = benchmark()
-    threads = torch.get_num_threads()
-    try:  # one thread: on a busy machine each op of a multi-threaded tiny model waits for a scheduler slot
-        table = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    # one thread: on a busy machine each op of a multi-threaded tiny model waits for a scheduler slot
+    table = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
     dense_names = {"dense", *(f"{t}_{lv}{m}" for t in bench.TARGETS for lv in bench.LEVELS for m in ("", " masked")),
                    *(f"{t} static drop" for t in bench.TARGETS)}
     assert set(table[table.model == "smollm2-135m"].setting) == dense_names
@@ -124,14 +129,10 @@ def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path):
     assert json.loads((tmp_path / "run.json").read_text())["torch_threads"] == 1
 
 
-def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path):
+def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path, keep_threads):
     profiler = benchmark("profile_speed")
-    threads = torch.get_num_threads()
-    try:
-        table = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_token", "attn static drop",
-                               "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    table = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_token", "attn static drop",
+                           "--out", str(tmp_path)])
     assert profiler.group_of("aten::index_select") == "routing bookkeeping"
     assert profiler.group_of("aten::mm") == "matmul" and profiler.group_of("aten::view") == "other"
     for (setting, phase), rows in table.groupby(["setting", "phase"]):
@@ -142,16 +143,12 @@ def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path):
         assert (tmp_path / f"profile_smoke_b8_t16{suffix}").is_file()
 
 
-def test_profile_pool_calibrates_on_every_prompt_and_sums_their_batches(tmp_path):
+def test_profile_pool_calibrates_on_every_prompt_and_sums_their_batches(tmp_path, keep_threads):
     profiler = benchmark("profile_speed")
-    threads = torch.get_num_threads()
-    try:
-        one = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size", "1",
-                             "--out", str(tmp_path)])
-        pooled = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size",
-                                "1", "--pool", "4", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    one = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size", "1",
+                         "--out", str(tmp_path)])
+    pooled = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_sequence", "--batch-size",
+                            "1", "--pool", "4", "--out", str(tmp_path)])
     assert (tmp_path / "profile_smoke_b1_t16.csv").is_file() and (tmp_path / "profile_smoke_b1_t16_pool4.csv").is_file()
     assert set(pooled.setting) == {"dense", "attn_sequence"}
 
@@ -163,27 +160,19 @@ def test_profile_pool_calibrates_on_every_prompt_and_sums_their_batches(tmp_path
         profiler.main(["--smoke", "--settings", "dense", "--batch-size", "2", "--pool", "3", "--out", str(tmp_path)])
 
 
-def test_profile_moe_profiles_expert_routers_and_expert_drop(tmp_path):
+def test_profile_moe_profiles_expert_routers_and_expert_drop(tmp_path, keep_threads):
     profiler = benchmark("profile_speed")
-    threads = torch.get_num_threads()
-    try:
-        table = profiler.main(["--smoke", "--threads", "1", "--model", "random-olmoe", "--settings", "dense",
-                               "experts_token", "experts_token masked", "expert drop", "--batch-size", "1",
-                               "--pool", "2", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    table = profiler.main(["--smoke", "--threads", "1", "--model", "random-olmoe", "--settings", "dense",
+                           "experts_token", "experts_token masked", "expert drop", "--batch-size", "1",
+                           "--pool", "2", "--out", str(tmp_path)])
     assert set(table.setting) == {"dense", "experts_token", "experts_token masked", "expert drop"}
     assert (tmp_path / "profile_smoke_b1_t16_pool2.csv").is_file()
 
 
-def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path):
+def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path, keep_threads):
     rows = benchmark("row_scaling")
-    threads = torch.get_num_threads()
-    try:
-        table = rows.main(["--smoke", "--threads", "1", "--batch-size", "4", "--repeats", "2", "--new-tokens", "3",
-                           "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+    table = rows.main(["--smoke", "--threads", "1", "--batch-size", "4", "--repeats", "2", "--new-tokens", "3",
+                       "--out", str(tmp_path)])
     assert list(table["rows"]) == [1, 2, 3, 4]
     full = table[table["rows"] == 4].iloc[0]
     assert full.prefill_vs_full == 1.0 and full.decode_vs_full == 1.0  # the full batch against itself, every round
