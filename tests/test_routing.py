@@ -415,6 +415,37 @@ def test_layer_skipped_by_every_sequence_holds_no_cache_and_generation_continues
     assert torch.equal(gen, ref)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("target", ["attn", "block"])
+def test_sequence_level_decode_steps_launch_no_decision_work(arch, target):
+    """A decode step reuses the decision stored at prefill as it is (the same tensors every step, no conversion),
+    and a layer that every row skips computes nothing, not even its input norm; generation equals masked."""
+    ids, mask = left_padded_batch(lengths=(6, 4))
+    model = tiny_model(arch)
+    attach_routers(model, RouterConfig(target=target, level="sequence", layers=[0, 1, 3]))
+    layers = routed_layers(model)
+    set_thresholds(model, {0: 0.6, 1: 0.4, 3: 0.6})  # zero routers score 0.5: layers 0 and 3 skipped by every row
+    norm_calls = {i: 0 for i in layers}
+    hooks = [layer.get_submodule(layer.routing.arch.pre_attn_norm).register_forward_hook(
+        lambda m, a, o, i=i: norm_calls.__setitem__(i, norm_calls[i] + 1)) for i, layer in layers.items()]
+    steps = dict(max_new_tokens=5, min_new_tokens=5)  # tiny random models may end on EOS at once
+    prefill, *decode = generation_traces(model, ids, mask, **steps)
+    for h in hooks:
+        h.remove()
+    assert len(decode) == 4
+    assert norm_calls == {0: 1, 1: 5, 3: 1}  # the prefill's routers need the norm, skipped decode steps do not
+    first = {d.layer: (d.keep, d.weight) for d in decode[0].decisions}
+    for trace in decode:
+        for d in trace.decisions:
+            assert d.keep is first[d.layer][0] and d.weight is first[d.layer][1], d.layer
+    assert torch.equal(first[1][0], torch.ones(2)) and torch.equal(first[0][0], torch.zeros(2))
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **steps)
+        with routing_mode(model, "masked"):
+            ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **steps)
+    assert torch.equal(gen, ref)
+
+
 # -- training semantics ---------------------------------------------------------------------------------------------
 
 

@@ -66,8 +66,7 @@ def _select_rows(cache, index: torch.Tensor):
     """A new ``DynamicCache`` holding batch rows ``index`` (``[R]``, repeats allowed) of ``cache``; ``cache`` is left
     unchanged (its tensors are not copied where a layer is not selected from).
 
-    Handles routertune's compact cache layers (K/V stored for kept rows only, ``keep_rows`` per row and their
-    ``keep_index``).
+    Handles routertune's compact cache layers (K/V stored for kept rows only, and the decision per row).
     """
     new = copy.copy(cache)
     new.layers = [copy.copy(layer) for layer in cache.layers]
@@ -81,8 +80,8 @@ def _select_rows(cache, index: torch.Tensor):
         elif filled:
             layer.keys, layer.values = layer.keys[index], layer.values[index]
         if keep_rows is not None:
-            layer.keep_rows = keep_rows[index]
-            layer.keep_index = layer.keep_rows.nonzero().squeeze(1)
+            rows = keep_rows[index]
+            layer.set_decision(rows, rows.nonzero().squeeze(1), layer.keep[index])
     return new
 
 

@@ -46,13 +46,25 @@ class RoutedCacheMixin:
     keep_index: ``[K]`` indices of the kept rows (``keep_rows.nonzero()``, found once at a real prefill: a decode
         step needs no nonzero, and so no host-device synchronisation, to know which rows run); None after a masked
         prefill, which runs every row.
+    keep: ``[B]`` the decision in the layer's dtype (1.0 kept), the gate every decode step applies and traces.
+    weight: ``[B]`` ones, each sequence's weight in the trace.
     compact: True when K/V are stored for kept rows only (``keys: [K, kv_heads, S, head_dim]``, K = kept rows; a
         layer skipped by every row holds ``[0, kv_heads, S, head_dim]``: no memory, but it still knows ``S``).
+
+    ``keep`` and ``weight`` are made once here, so that a decode step launches no operator to decide.
     """
 
     keep_rows: torch.Tensor
     keep_index: torch.Tensor | None
+    keep: torch.Tensor
+    weight: torch.Tensor
     compact: bool
+
+    def set_decision(self, keep_rows: torch.Tensor, keep_index: torch.Tensor | None, keep: torch.Tensor) -> None:
+        """Store a decision: ``keep_rows`` ``[B]`` bool, its kept rows' indices (or None) and ``keep`` ``[B]``, the
+        same decision as floats without gradient."""
+        self.keep_rows, self.keep_index, self.keep = keep_rows, keep_index, keep.detach()
+        self.weight = torch.ones(keep_rows.shape, device=keep_rows.device)
 
     def get_seq_length(self) -> int:
         if self.is_sliding:  # counts positions itself
@@ -163,9 +175,15 @@ class RoutedLayerMixin:
         r = self.routing
         ctx = routing_context or RoutingContext(mode="real", attention_mask=None, trace=RoutingTrace())
         h = hidden_states
-        x = self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
-        tokens = ctx.token_mask(h)  # [B, T]
-        keep, masked, rows = self._decide(x, tokens, cache, ctx)
+        stored = _cache_layer(cache, r.layer_idx) if r.level == "sequence" and cache is not None else None
+        if isinstance(stored, RoutedCacheMixin):  # cached sequences continue: the prefill's decision, as stored
+            keep, masked, rows = self._reuse(stored, ctx)
+            # no row runs attention: its input norm is not computed either (what a removed layer costs)
+            skips_attn = not masked and r.target != "mlp" and rows.numel() == 0
+            x = None if skips_attn else self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
+        else:
+            x = self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
+            keep, masked, rows = self._decide(x, cache, ctx)
 
         attn_kwargs = dict(
             position_ids=position_ids, cache=cache, position_embeddings=position_embeddings, **kwargs
@@ -177,28 +195,39 @@ class RoutedLayerMixin:
 
     # -- decision -------------------------------------------------------------------------------------------------
 
-    def _decide(self, x, tokens, cache, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
-        """Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training), whether to run masked and, at
-        sequence level in real mode, the kept rows' indices ``[K]`` (token level and masked: None)."""
+    def _trains_router(self) -> bool:
+        """Whether this forward trains the router (its decision carries the straight-through gradient)."""
+        return self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
+
+    def _reuse(self, stored: RoutedCacheMixin, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """``_decide``'s result for cached sequences, from the decision ``stored`` at their prefill."""
+        masked = ctx.runs_masked(self._trains_router())
+        rows = stored.keep_index
+        if rows is None and not masked:  # a masked prefill found no index; the real path needs it
+            rows = stored.keep_rows.nonzero().squeeze(1)  # [K]
+        ctx.trace.decisions.append(LayerDecision(self.routing.layer_idx, stored.keep, stored.weight, None))
+        return stored.keep, masked, rows
+
+    def _decide(self, x, cache, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """Decides for the ``T`` tokens of ``x`` [B, T, d] (a prefill, or a forward without cache).
+
+        Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training), whether to run masked and, at
+        sequence level in real mode, the kept rows' indices ``[K]`` (token level and masked: None). At sequence
+        level with a cache, the decision is stored in this layer's cache layer for the forwards that continue it.
+        """
         r = self.routing
         B = x.shape[0]
-        train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
+        train_ste = self._trains_router()
         masked = ctx.runs_masked(train_ste)
-        stored = rows = None
-        if r.level == "sequence" and cache is not None:
-            layer = _cache_layer(cache, r.layer_idx)
-            stored, rows = getattr(layer, "keep_rows", None), getattr(layer, "keep_index", None)
-
-        score = None
-        if stored is not None:
-            hard = stored
-        elif r.fixed_keep is not None:
+        tokens = ctx.token_mask(x)  # [B, T]
+        score = rows = None
+        if r.fixed_keep is not None:
             shape = (B,) if r.level == "sequence" else tuple(tokens.shape)
             hard = torch.full(shape, r.fixed_keep, dtype=torch.bool, device=x.device)
         else:
             logits = self.router(x).squeeze(-1).float()  # [B, T]
             if r.level == "sequence":  # router(mean of real tokens) == mean of per-token router logits
-                w = tokens.float()
+                w = ctx.token_weight(x)
                 logits = (logits * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B]
             score = torch.sigmoid(logits)
             if ctx.calibrate is not None:  # calibration: this layer's threshold from its scores of the real inputs
@@ -207,20 +236,20 @@ class RoutedLayerMixin:
             hard = score >= r.threshold
         if r.level == "token":
             hard = hard & tokens  # padding tokens are never executed
-        elif rows is None and not masked:  # the real path's kept rows (masked runs every row: no index needed)
+        elif not masked:  # the real path's kept rows (masked runs every row: no index needed)
             rows = hard.nonzero().squeeze(1)  # [K]
 
-        if r.level == "sequence" and cache is not None and stored is None:
-            empty = cache.layers[r.layer_idx]  # nothing stored yet: this is the prefill
-            routed = object.__new__(mixed_class(RoutedCacheMixin, type(empty)))
-            routed.__dict__.update(empty.__dict__, keep_rows=hard, keep_index=rows,
-                                   compact=not masked and r.target in ("attn", "block"))
-            cache.layers[r.layer_idx] = routed
-
         keep = hard.to(x.dtype)
+        weight = torch.ones(B, device=x.device) if r.level == "sequence" else ctx.token_weight(x)
+        if r.level == "sequence" and cache is not None:  # the prefill: store the decision for the decode steps
+            empty = _cache_layer(cache, r.layer_idx)
+            routed = object.__new__(mixed_class(RoutedCacheMixin, type(empty)))
+            routed.__dict__.update(empty.__dict__, compact=not masked and r.target in ("attn", "block"))
+            routed.set_decision(hard, rows, keep)
+            cache.layers[r.layer_idx] = routed
+            weight = routed.weight
         if train_ste and score is not None:
             keep = keep + (score - score.detach()).to(x.dtype)
-        weight = torch.ones(B, device=x.device) if r.level == "sequence" else tokens.float()
         ctx.trace.decisions.append(LayerDecision(r.layer_idx, keep, weight, score))
         return keep, masked, rows
 
@@ -259,11 +288,11 @@ class RoutedLayerMixin:
                 self._keys_values(x, attn_kwargs)  # a decode step every row skips: K/V written, nothing else runs
                 return h
             return h + _straight_through(self._attn_delta_for_tokens(x, keep, attention_mask, attn_kwargs), gate)
-        if rows.numel() == h.shape[0]:  # rows: [K] kept sequences
-            return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
-        if rows.numel() == 0:
-            self._advance_empty_cache(x, attn_kwargs["cache"])
+        if rows.numel() == 0:  # rows: [K] kept sequences (none: x may be None, not computed)
+            self._advance_empty_cache(h, attn_kwargs["cache"])
             return h
+        if rows.numel() == h.shape[0]:
+            return h + _straight_through(self._attn_delta(x, attention_mask, attn_kwargs), gate)
         sub = dict(attn_kwargs)
         sub["position_embeddings"] = tuple(_rows(t, rows) for t in attn_kwargs["position_embeddings"])
         sub["position_ids"] = _rows(attn_kwargs["position_ids"], rows)
@@ -286,13 +315,14 @@ class RoutedLayerMixin:
         delta = _straight_through(self._mlp_delta(flat.index_select(0, idx)), flat_gate.index_select(0, idx))
         return flat.index_add(0, idx, delta).view(B, T, d)
 
-    def _advance_empty_cache(self, x, cache) -> None:
-        """Record ``T`` more positions in a compact cache layer that no row executes (stores nothing)."""
+    def _advance_empty_cache(self, h, cache) -> None:
+        """Record the ``T`` positions of ``h`` [B, T, d] in a compact cache layer that no row executes (stores
+        nothing)."""
         if cache is None:
             return
         attn = self.get_submodule(self.routing.arch.attention)
         kv_heads = attn.config.num_key_value_heads
-        empty = x.new_zeros(0, kv_heads, x.shape[1], attn.head_dim)
+        empty = h.new_zeros(0, kv_heads, h.shape[1], attn.head_dim)
         cache.update(empty, empty, self.routing.layer_idx)
 
     def _keys_values(self, x, attn_kwargs) -> tuple[torch.Tensor, torch.Tensor]:

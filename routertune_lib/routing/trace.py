@@ -83,6 +83,7 @@ class RoutingContext:
     trace: RoutingTrace
     training_forward: str = "masked"
     calibrate: Callable[[int, torch.Tensor], float] | None = None
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # token_mask's, per shape
 
     def __post_init__(self):
         for name in ("mode", "training_forward"):
@@ -94,8 +95,21 @@ class RoutingContext:
         return (self.training_forward if training_router else self.mode) == "masked"
 
     def token_mask(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[B, T]`` bool mask of the real tokens among the ``T`` tokens of this forward."""
+        """``[B, T]`` bool mask of the real tokens among the ``T`` tokens of this forward (made once per forward
+        and device, for all routed layers)."""
+        return self._token_masks(hidden)[0]
+
+    def token_weight(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``token_mask`` as floats, the weight of token-level decisions in the trace."""
+        return self._token_masks(hidden)[1]
+
+    def _token_masks(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = hidden.shape[:2]
-        if self.attention_mask is None:
-            return torch.ones(B, T, dtype=torch.bool, device=hidden.device)
-        return self.attention_mask[:, -T:].to(device=hidden.device, dtype=torch.bool)
+        key = (B, T, hidden.device)
+        if key not in self._masks:
+            if self.attention_mask is None:
+                mask = torch.ones(B, T, dtype=torch.bool, device=hidden.device)
+            else:
+                mask = self.attention_mask[:, -T:].to(device=hidden.device, dtype=torch.bool)
+            self._masks[key] = mask, mask.float()
+        return self._masks[key]
