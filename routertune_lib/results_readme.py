@@ -102,7 +102,10 @@ BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/sp
               "speed, token-level attention, 11 rounds": "speed/speed_b1_attn_token_r11_cpu.json",
               "speed, Gemma-3-270M at batch 8, 128 tokens": "speed/speed_gemma_b8_t128_cpu.json",
               "speed, Gemma-3-270M at batch 1, 512 tokens": "speed/speed_gemma_b1_t512_cpu.json",
+              "speed, batch 1, decision stored at prefill": "speed/speed_b1_stored_cpu.json",
               "profile, sequence level at batch 1": "speed/profile_smollm2-135m_b1_t128_pool8.json",
+              "profile, sequence level at batch 1, decision stored":
+                  "speed/profile_smollm2-135m_b1_t128_pool8_stored.json",
               "profile, token level and masked at batch 1": "speed/profile_smollm2-135m_b1_t128_pool2.json",
               "profile, MoE at batch 1": "speed/profile_random-olmoe_b1_t128_pool8.json",
               "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
@@ -144,9 +147,11 @@ SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its com
     "speed-gemma-mlp": "results/speed/speed_gemma_mlp_cpu",
     "speed-b1-attn-token": "results/speed/speed_b1_attn_token_r11_cpu",
     "speed-gemma-b8-t128": "results/speed/speed_gemma_b8_t128_cpu",
-    "speed-gemma-b1-t512": "results/speed/speed_gemma_b1_t512_cpu"}
+    "speed-gemma-b1-t512": "results/speed/speed_gemma_b1_t512_cpu",
+    "speed-b1-stored": "results/speed/speed_b1_stored_cpu"}
 PROFILES = {  # benchmarks/profile_speed.py runs: table name -> file stem
     "profile-b1-sequence": "results/speed/profile_smollm2-135m_b1_t128_pool8",
+    "profile-b1-sequence-stored": "results/speed/profile_smollm2-135m_b1_t128_pool8_stored",
     "profile-b1-token": "results/speed/profile_smollm2-135m_b1_t128_pool2",
     "profile-moe-b1": "results/speed/profile_random-olmoe_b1_t128_pool8"}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
