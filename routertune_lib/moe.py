@@ -176,7 +176,7 @@ class ExpertRoutingMixin:
         r = self.routing
         ctx = self._routing_context or RoutingContext(mode="real", attention_mask=None, trace=RoutingTrace())
         N, k = top_k_index.shape
-        tokens = self._token_mask(ctx, N, hidden_states.device)  # [N] bool
+        tokens = self._token_mask(ctx, hidden_states)  # [N] bool
         train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
         masked = ctx.runs_masked(train_ste)
 
@@ -212,15 +212,14 @@ class ExpertRoutingMixin:
         return out.index_add_(0, rows, kept.to(out.dtype))
 
     @staticmethod
-    def _token_mask(ctx: RoutingContext, N: int, device) -> torch.Tensor:
-        """``[N]`` bool: which of the flattened ``B*T`` tokens are real (from the call's 2-D attention mask)."""
-        mask = ctx.attention_mask
-        if mask is None:
-            return torch.ones(N, dtype=torch.bool, device=device)
-        B = mask.shape[0]
+    def _token_mask(ctx: RoutingContext, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[N]`` bool: which of the flattened ``B*T`` tokens of ``hidden_states`` [N, d] are real (the context's
+        ``token_mask``, made once per forward for all routed layers)."""
+        N = hidden_states.shape[0]
+        B = 1 if ctx.attention_mask is None else ctx.attention_mask.shape[0]
         if N % B:
             raise ValueError(f"experts got {N} tokens, not a multiple of the batch size {B}")
-        return mask[:, -(N // B):].reshape(-1).to(device=device, dtype=torch.bool)
+        return ctx.token_mask(hidden_states.reshape(B, N // B, -1)).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
