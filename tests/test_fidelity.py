@@ -116,6 +116,29 @@ def test_reference_outputs_are_cached_and_checked(fake_data, tmp_path):
         ev.reference_outputs(model, tok, ["nope"])
 
 
+def test_fidelity_passes_are_cached_per_task_and_keyed_by_routers_and_thresholds(fake_data, tmp_path, monkeypatch):
+    from routertune_lib.experiments import randomize_routers
+    from routertune_lib.routing import RouterConfig, attach_routers, set_thresholds
+
+    model, tok = tiny_model(), char_tokenizer()
+    ref = ev.reference_outputs(model, tok, ["piqa"], TEXTS, num_fewshot=0, limit=8, batch_size=4, topk=4)
+    routed = attach_routers(perturbed(model), RouterConfig(level="sequence", num_layers=3))
+    randomize_routers(routed, seed=3)
+    first = ev.fidelity(routed, tok, ref)
+    assert len(list((tmp_path / "eval" / "fidelity").glob("*.pt"))) == 2  # piqa and the held-out texts
+    calls = []
+    real_scores = ev.reference._scores
+    monkeypatch.setattr(ev.reference, "_scores", lambda *a, **k: calls.append(a[2]) or real_scores(*a, **k))
+    again = ev.fidelity(routed, tok, ref, n_boot=2000)  # the bootstrap is recomputed from the cached pass
+    assert calls == [] and again.records_dataframe().equals(first.records_dataframe())
+    assert again.routing == first.routing and again.tasks["piqa"]["metrics"]["kl"]["n_boot"] == 2000
+    fresh = ev.fidelity(routed, tok, ref, cache=False)
+    assert calls == ["piqa", ev.HELDOUT] and fresh.records_dataframe().equals(first.records_dataframe())
+    set_thresholds(routed, 0.6)  # another decision: another key, a new pass
+    moved = ev.fidelity(routed, tok, ref)
+    assert calls[2:] == ["piqa", ev.HELDOUT] and moved.routing != first.routing
+
+
 def test_generative_task_fidelity_scores_the_gold_answer_after_the_generation_prompt(arithmetic):
     model, tok = tiny_model(), char_tokenizer()
     kw = dict(num_fewshot=2, limit=6, batch_size=4, topk=8)

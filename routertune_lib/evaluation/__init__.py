@@ -11,7 +11,7 @@ evaluator are separate):
 * :mod:`.results` -- :class:`EvalResults` and the paired accuracy comparison (:func:`compare`);
 * :mod:`.evaluator` -- :func:`evaluate` and its results cache;
 * :mod:`.reference` -- paired fidelity to a cached reference (log-likelihood change, agreement, KL, perplexity
-  ratio, with bootstrap CIs), KL and perplexity on held-out text.
+  ratio, with bootstrap CIs; each model's pass cached per task), KL and perplexity on held-out text.
 
 Every public name is importable from ``routertune_lib.evaluation``.
 """

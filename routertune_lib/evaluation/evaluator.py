@@ -68,8 +68,9 @@ def router_hash(model) -> str | None:
         dropped = getattr(layer.routing, "dropped_experts", None)  # static expert drop (moe.attach_expert_drop)
         if dropped:
             h.update(f"dropped:{list(dropped)}".encode())
-        if layer.router is not None:
-            h.update(layer.router.weight.detach().float().cpu().numpy().tobytes())
+        if layer.router is not None:  # weight, then the bias where the router has one
+            for p in layer.router.parameters():
+                h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

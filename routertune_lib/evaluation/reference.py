@@ -20,6 +20,7 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -406,8 +407,38 @@ def _choice_fidelity(name: str, ref: dict, records: list[dict], kls: list[torch.
     return out
 
 
+def _pass_cache_path(fingerprint: dict, ref: ReferenceOutputs, name: str, batch_size: int) -> Path:
+    """Where :func:`fidelity` keeps one model's pass over one task of ``ref``: keyed by the model's fingerprint (incl.
+    routers and thresholds), the reference's fingerprint and settings, the task's request hash and the batch size."""
+    cfg = {k: v for k, v in ref.config.items() if k != "texts"}
+    key = {"kind": "fidelity", "version": HARNESS_VERSION, "model": fingerprint, "reference": cfg, "task": name,
+           "requests": ref.tasks[name]["requests"], "batch_size": batch_size}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return _data.cache_dir() / "eval" / "fidelity" / f"{name}-{digest}.pt"
+
+
+def _model_pass(model, tokenizer, name: str, entry: dict, template, requests, config: dict, batch_size: int,
+                path: Path | None) -> tuple[list[dict], list[torch.Tensor], dict]:
+    """One pass of ``model`` over a reference task's ``requests``: its per-example records, per request the KLs of
+    its scored tokens to the reference (``entry``) and the routing summary. Read from / written to ``path`` (None: no
+    cache)."""
+    if path is not None and path.is_file():
+        cached = torch.load(path, weights_only=True)
+        log.info("%s: cached fidelity pass %s", name, path)
+        return cached["records"], list(torch.split(cached["kl"], cached["lengths"])), cached["routing"]
+    stats, kl = RoutingStats(), _KLToReference(entry)
+    records = _records(name, template, _scores(model, tokenizer, name, requests, config, kl, stats, batch_size))
+    kls, routing = kl.per_request(), stats.summary()
+    if path is not None:
+        buf = io.BytesIO()
+        torch.save({"records": records, "kl": torch.cat(kls), "lengths": [len(k) for k in kls], "routing": routing},
+                   buf)
+        write_atomic(path, buf.getvalue())
+    return records, kls, routing
+
+
 def fidelity(model, tokenizer, ref: ReferenceOutputs, *, batch_size: int | None = None, n_boot: int = 1000,
-             seed: int = 0) -> FidelityResults:
+             seed: int = 0, cache: bool = True) -> FidelityResults:
     """Paired fidelity of ``model`` (e.g. a routed or dropped copy) to the reference ``ref`` on the same requests:
     one pass of ``model``. Each metric comes with a paired bootstrap 95% CI over examples (``n_boot`` replicates,
     ``seed``); per-example values are in ``records``.
@@ -419,20 +450,24 @@ def fidelity(model, tokenizer, ref: ReferenceOutputs, *, batch_size: int | None 
     model - reference summed log-likelihood of the answer, ``kl`` = the coarse KL averaged over its tokens. Held-out
     text, per text: ``ppl_ratio`` = exp(mean token NLL difference) =
     model / reference perplexity, ``kl`` = the coarse KL averaged over all tokens (token-weighted, as the ratio).
+
+    cache: read/write each task's pass under ``<cache_dir()>/eval/fidelity/``, keyed by the model's fingerprint
+        (:func:`model_fingerprint`: weights, routers, thresholds, static drop, routing mode), the reference and the
+        batch size, so a setting scored by several studies runs once; the bootstrap is recomputed.
     """
     if n_boot < 1000:
         raise ValueError(f"fidelity needs n_boot >= 1000 bootstrap replicates for a 95% CI, got {n_boot}")
     batch_size = batch_size or ref.config["batch_size"]
+    fingerprint = model_fingerprint(model)
     results = {}
     for name, entry in ref.tasks.items():
         template, requests = _task_requests(tokenizer, name, ref.config)
         if _requests_hash(requests) != entry["requests"]:
             raise ValueError(f"{name}: the requests differ from the reference's (another tokenizer or data?); "
                              "compare models that share the reference's tokenizer")
-        stats, kl = RoutingStats(), _KLToReference(entry)
-        scores = _scores(model, tokenizer, name, requests, ref.config, kl, stats, batch_size)
-        records = _records(name, template, scores)
-        kls = kl.per_request()
+        path = _pass_cache_path(fingerprint, ref, name, batch_size) if cache else None
+        records, kls, routing = _model_pass(model, tokenizer, name, entry, template, requests, ref.config, batch_size,
+                                            path)
         if name == HELDOUT:
             rows = [{"task": name, "doc_id": m["doc_id"], "tokens": len(k), "nll": -m["loglik"],
                      "ref_nll": -r["loglik"], "kl": float(k.mean())} for r, m, k in zip(entry["records"], records, kls)]
@@ -450,7 +485,7 @@ def fidelity(model, tokenizer, ref: ReferenceOutputs, *, batch_size: int | None 
         else:
             rows = _choice_fidelity(name, entry, records, kls)
             metrics = {m: bootstrap_ci([r[m] for r in rows], n_boot, seed) for m in ("delta_loglik", "agreement", "kl")}
-        results[name] = {"metrics": metrics, "records": rows, "routing": stats.summary()}
-    config = {"model": model_fingerprint(model), "reference": ref.config["model"], "batch_size": batch_size,
+        results[name] = {"metrics": metrics, "records": rows, "routing": routing}
+    config = {"model": fingerprint, "reference": ref.config["model"], "batch_size": batch_size,
               "n_boot": n_boot, "seed": seed}
     return FidelityResults(results, config)
