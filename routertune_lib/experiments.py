@@ -374,12 +374,16 @@ def speedup_cells(row, name: str = "speedup") -> dict:
 
 @contextlib.contextmanager
 def routed_copy(model, router_path: str | Path | None = None, adapter_path: str | Path | None = None):
-    """A deep copy of ``model`` (with the LoRA adapter ``adapter_path`` merged into its weights, see
-    :func:`merge_adapter`, and ``load_routers(copy, router_path)``, when given), freed on exit."""
+    """A copy of ``model`` with ``load_routers(copy, router_path)`` (when given), freed on exit. Its modules are new
+    but, without an adapter, it shares ``model``'s parameters and buffers (no memory for the weights, so several
+    settings can be held and timed side by side); with the LoRA adapter ``adapter_path`` it is a deep copy with the
+    adapter merged into its weights (:func:`merge_adapter`). Never change the weights of a shared copy in place."""
     from .routing import load_routers
 
-    m = copy.deepcopy(model)
-    if adapter_path is not None:
+    if adapter_path is None:
+        m = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+    else:
+        m = copy.deepcopy(model)
         merge_adapter(m, adapter_path)
     if router_path is not None:
         load_routers(m, router_path)

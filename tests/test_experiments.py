@@ -1,10 +1,12 @@
 """Cached router tuning and the table / speed helpers of ``routertune_lib.experiments`` (tiny models, seconds)."""
 
+import copy
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from routertune_lib import experiments, paper
 from routertune_lib.evaluation import EvalResults, TaskResult
@@ -121,6 +123,27 @@ def test_tuned_routers_caches_the_lora_adapter_and_hands_the_model_back_dense(tm
         assert model_fingerprint(lora_only)["weights"] != model_fingerprint(model)["weights"]
     assert experiments.tuned_adapter(experiments.tuned_routers(None, rc, TrainConfig(**{**tc.to_dict(), "lora": None}),
                                                                num_samples=8, model=model, tokenizer=tok)) is None
+
+
+def test_routed_copy_shares_the_base_weights_and_leaves_the_base_dense(tmp_path):
+    from conftest import tiny_model
+    from routertune_lib.routing import save_routers
+
+    model = tiny_model()
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    routed = attach_routers(copy.deepcopy(model), RouterConfig(level="sequence", num_layers=3))
+    experiments.randomize_routers(routed, seed=1)
+    path = save_routers(routed, tmp_path / "r.safetensors")
+    with experiments.routed_copy(model, path) as shared:
+        base = dict(model.named_parameters())
+        assert all(p is base[n] for n, p in shared.named_parameters() if ".router." not in n)
+        with torch.no_grad():
+            torch.testing.assert_close(shared(input_ids=ids).logits, routed(input_ids=ids).logits, rtol=0, atol=0)
+    assert getattr(model, "routertune", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
 
 
 def _results(scores: dict[str, list[float]], executed: float | None = None) -> EvalResults:
