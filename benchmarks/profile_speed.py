@@ -108,7 +108,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--smoke", action="store_true")
-    p.add_argument("--name", default=None, help="default profile_<model>_b<B>_t<T>")
+    p.add_argument("--name", default=None, help="default profile_<model>_b<B>_t<T> (--smoke: profile_smoke_..., "
+                   "or profile_smoke-<MoE model>_... for the MoE model)")
     p.add_argument("--out", default=str(speed_benchmark.ROOT / "results" / "speed"))
     args = p.parse_args(argv)
     args.pool = args.pool or args.batch_size
@@ -154,7 +155,8 @@ def main(argv=None):
     dense = table[table.setting == "dense"].set_index(["phase", "group"]).ms
     table["minus dense ms"] = [r.ms - dense.get((r.phase, r.group), 0.0) for r in table.itertuples()]
     pooled = f"_pool{args.pool}" if args.pool > args.batch_size else ""
-    name = args.name or f"profile_{'smoke' if args.smoke else args.model}_b{args.batch_size}_t{T}{pooled}"
+    label = f"smoke-{args.model}" if args.smoke and moe else "smoke" if args.smoke else args.model  # MoE: its own
+    name = args.name or f"profile_{label}_b{args.batch_size}_t{T}{pooled}"
     out = Path(args.out)
     write_table(table, out, name, floatfmt=".3f")
     write_atomic(out / f"{name}_ops.md", "\n".join(top))

@@ -60,6 +60,7 @@ from .routing import (
     routing_mode,
     routing_post_hook,
     routing_pre_hook,
+    trains_router,
     zero_router,
 )
 
@@ -177,7 +178,7 @@ class ExpertRoutingMixin:
         ctx = self._routing_context or RoutingContext(mode="real", attention_mask=None, trace=RoutingTrace())
         N, k = top_k_index.shape
         tokens = self._token_mask(ctx, hidden_states)  # [N] bool
-        train_ste = self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
+        train_ste = trains_router(self.router)
         masked = ctx.runs_masked(train_ste)
 
         score = None

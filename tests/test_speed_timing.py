@@ -166,7 +166,7 @@ def test_profile_moe_profiles_expert_routers_and_expert_drop(tmp_path, keep_thre
                            "experts_token", "experts_token masked", "expert drop", "--batch-size", "1",
                            "--pool", "2", "--out", str(tmp_path)])
     assert set(table.setting) == {"dense", "experts_token", "experts_token masked", "expert drop"}
-    assert (tmp_path / "profile_smoke_b1_t16_pool2.csv").is_file()
+    assert (tmp_path / "profile_smoke-random-olmoe_b1_t16_pool2.csv").is_file()  # not the dense smoke run's name
 
 
 def test_row_scaling_smoke_times_every_row_count_against_the_full_batch(tmp_path, keep_threads):

@@ -26,7 +26,7 @@ Modules: ``config`` (``RouterConfig``, the target registry), ``trace`` (``Routin
 from .config import (CAPACITY_LOSSES, CHECKPOINT_FORMAT, LEVELS, MODES, RouterConfig, RoutingTarget, register_target,
                      routing_targets)
 from .trace import LayerDecision, RoutingContext, RoutingTrace
-from .layer import LayerRouting, RoutedCacheMixin, RoutedLayerMixin, mixed_class
+from .layer import LayerRouting, RoutedCacheMixin, RoutedLayerMixin, mixed_class, trains_router
 from .model import (RoutingSetup, attach_routers, detach_routers, load_router_state, routed_layers, router_parameters,
                     router_state, routing_mode, routing_post_hook, routing_pre_hook, set_routing_mode, set_thresholds,
                     zero_router)
@@ -37,5 +37,6 @@ __all__ = [
     "RoutedLayerMixin", "RouterConfig", "RoutingContext", "RoutingSetup", "RoutingTarget", "RoutingTrace",
     "attach_routers", "detach_routers", "load_router_state", "load_routers", "mixed_class", "register_target",
     "restore_routers", "routed_layers", "router_parameters", "router_state", "routing_mode", "routing_post_hook",
-    "routing_pre_hook", "routing_targets", "save_routers", "set_routing_mode", "set_thresholds", "zero_router",
+    "routing_pre_hook", "routing_targets", "save_routers", "set_routing_mode", "set_thresholds", "trains_router",
+    "zero_router",
 ]

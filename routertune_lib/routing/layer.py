@@ -126,6 +126,12 @@ class LayerRouting:
     fixed_keep: bool | None = None
 
 
+def trains_router(router: nn.Module | None) -> bool:
+    """Whether a forward now trains ``router`` (trainable weights under autograd): its decisions then carry the
+    straight-through gradient."""
+    return router is not None and router.weight.requires_grad and torch.is_grad_enabled()
+
+
 def _part(layer: nn.Module, name: str | None):
     return getattr(layer, name) if name is not None else None
 
@@ -183,7 +189,7 @@ class RoutedLayerMixin:
             x = None if skips_attn else self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
         else:
             x = self.get_submodule(r.arch.pre_attn_norm)(h)  # [B, T, d]
-            keep, masked, rows = self._decide(x, cache, ctx)
+            keep, masked, rows = self._decide(x, cache, stored, ctx)
 
         attn_kwargs = dict(
             position_ids=position_ids, cache=cache, position_embeddings=position_embeddings, **kwargs
@@ -195,29 +201,26 @@ class RoutedLayerMixin:
 
     # -- decision -------------------------------------------------------------------------------------------------
 
-    def _trains_router(self) -> bool:
-        """Whether this forward trains the router (its decision carries the straight-through gradient)."""
-        return self.router is not None and self.router.weight.requires_grad and torch.is_grad_enabled()
-
     def _reuse(self, stored: RoutedCacheMixin, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """``_decide``'s result for cached sequences, from the decision ``stored`` at their prefill."""
-        masked = ctx.runs_masked(self._trains_router())
+        masked = ctx.runs_masked(trains_router(self.router))
         rows = stored.keep_index
         if rows is None and not masked:  # a masked prefill found no index; the real path needs it
             rows = stored.keep_rows.nonzero().squeeze(1)  # [K]
         ctx.trace.decisions.append(LayerDecision(self.routing.layer_idx, stored.keep, stored.weight, None))
         return stored.keep, masked, rows
 
-    def _decide(self, x, cache, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    def _decide(self, x, cache, empty, ctx) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """Decides for the ``T`` tokens of ``x`` [B, T, d] (a prefill, or a forward without cache).
 
         Returns ``keep`` (``[B]`` or ``[B, T]`` float, STE-carrying in training), whether to run masked and, at
-        sequence level in real mode, the kept rows' indices ``[K]`` (token level and masked: None). At sequence
-        level with a cache, the decision is stored in this layer's cache layer for the forwards that continue it.
+        sequence level in real mode, the kept rows' indices ``[K]`` (token level and masked: None). ``empty``: at a
+        sequence-level prefill, this layer's cache layer (not yet holding a decision), which a routed cache layer
+        storing the decision replaces for the forwards that continue it; None otherwise.
         """
         r = self.routing
         B = x.shape[0]
-        train_ste = self._trains_router()
+        train_ste = trains_router(self.router)
         masked = ctx.runs_masked(train_ste)
         tokens = ctx.token_mask(x)  # [B, T]
         score = rows = None
@@ -241,8 +244,7 @@ class RoutedLayerMixin:
 
         keep = hard.to(x.dtype)
         weight = torch.ones(B, device=x.device) if r.level == "sequence" else ctx.token_weight(x)
-        if r.level == "sequence" and cache is not None:  # the prefill: store the decision for the decode steps
-            empty = _cache_layer(cache, r.layer_idx)
+        if empty is not None:  # the prefill: store the decision for the decode steps
             routed = object.__new__(mixed_class(RoutedCacheMixin, type(empty)))
             routed.__dict__.update(empty.__dict__, compact=not masked and r.target in ("attn", "block"))
             routed.set_decision(hard, rows, keep)
