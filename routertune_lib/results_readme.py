@@ -90,29 +90,6 @@ def md(rows: list[dict], right: tuple[str, ...] = ()) -> str:
 NOTEBOOKS = ("00_quickstart", "01_granularity", "02_speed_accuracy", "03_generation_vs_attention_drop",
              "04_training_cost", "05_num_layers", "06_across_models", "07_training_data", "08_moe", "09_lora",
              "10_router_dynamics", "11_headline_fidelity", "12_router_ablation")
-BENCHMARKS = {"speed": "speed/speed_quick_cpu.json", "speed, batch 1": "speed/speed_b1_cpu.json",
-              "speed, batch 8, 128 tokens": "speed/speed_b8_t128_cpu.json",
-              "speed, Gemma-3-270M": "speed/speed_gemma_cpu.json",
-              "speed, token level at batch 1": "speed/speed_b1_token_cpu.json",
-              "speed, MLP at batch 1": "speed/speed_b1_mlp_cpu.json",
-              "speed, Gemma-3-270M at batch 1": "speed/speed_gemma_b1_t128_cpu.json",
-              "speed, MoE at 128 tokens": "speed/speed_moe_t128_cpu.json",
-              "speed, MLP at batch 8, 128 tokens": "speed/speed_b8_t128_mlp_cpu.json",
-              "speed, MLP on Gemma-3-270M": "speed/speed_gemma_mlp_cpu.json",
-              "speed, token-level attention, 11 rounds": "speed/speed_b1_attn_token_r11_cpu.json",
-              "speed, Gemma-3-270M at batch 8, 128 tokens": "speed/speed_gemma_b8_t128_cpu.json",
-              "speed, Gemma-3-270M at batch 1, 512 tokens": "speed/speed_gemma_b1_t512_cpu.json",
-              "speed, batch 1, decision stored at prefill": "speed/speed_b1_stored_cpu.json",
-              "profile, sequence level at batch 1": "speed/profile_smollm2-135m_b1_t128_pool8.json",
-              "profile, sequence level at batch 1, decision stored":
-                  "speed/profile_smollm2-135m_b1_t128_pool8_stored.json",
-              "profile, token level and masked at batch 1": "speed/profile_smollm2-135m_b1_t128_pool2.json",
-              "profile, MoE at batch 1": "speed/profile_random-olmoe_b1_t128_pool8.json",
-              "row scaling": "speed/row_scaling_smollm2-135m_b8_t512.json",
-              "training cost": "training_cost/training_cost_smollm2-135m.json",
-              "lm-eval agreement, 0-shot": "lm_eval_agreement/smollm2-135m_0shot_limit200.json",
-              "lm-eval agreement, MMLU 5-shot": "lm_eval_agreement/smollm2-135m_papershot_limit400.json",
-              "lm-eval agreement, paper shots": "lm_eval_agreement/smollm2-135m_papershot_limit30.json"}
 METHOD_NAMES = {"routers": "Router-Tuning", "lora": "LoRA", "full": "full fine-tuning"}
 MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}
 TASK_NAMES = {"boolq": "BoolQ", "rte": "RTE", "openbookqa": "OpenBookQA", "piqa": "PIQA", "mmlu": "MMLU",
@@ -134,27 +111,83 @@ def _record(r: Results, rel: str) -> dict:
 
 def table_runs(r: Results) -> str:
     rows = [{"run": f"`{nb}`", **_record(r, f"results/{nb}/cpu/run.json")} for nb in NOTEBOOKS]
-    rows += [{"run": f"benchmark: {name}", **_record(r, f"results/{rel}")} for name, rel in BENCHMARKS.items()]
+    rows += [{"run": f"benchmark: {name}", **_record(r, path)} for name, path in BENCHMARKS.items()]
     return md(rows, right=("wall time", "torch threads"))
 
 
+REPRODUCE = "notebooks/executed/cpu/reproduce.json"  # routertune_lib.reproduce's record of each invocation
+
+
+def _reproduce_runs(r: Results) -> list[dict]:
+    """The invocations of ``make reproduce`` (cpu) from the last one that started on an empty cache (no tuned
+    routers, no cached evaluations) on: the continuation of one run from an empty cache, split where it was
+    stopped and started again (each invocation skips the notebooks an earlier one finished)."""
+    runs = r.json(REPRODUCE)["runs"]
+    empty = [i for i, x in enumerate(runs) if not any(x["cache_files"].values())]
+    if not empty:
+        raise ValueError(f"{REPRODUCE}: no invocation started on an empty cache; run make reproduce with an empty "
+                         "ROUTERTUNE_CACHE")
+    return runs[empty[-1]:]
+
+
+def table_reproduce(r: Results) -> str:
+    """Per notebook of the run from an empty cache: the invocation that ran it, its wall time, and the cumulative
+    total of the notebooks that finished."""
+    rows, total = [], 0.0
+    for x in _reproduce_runs(r):
+        commit = (x["run"].get("git_commit") or "—")[:7]
+        for nb in x["notebooks"]:
+            if nb["status"] == "skipped":
+                continue
+            total += nb["wall_s"] if nb["status"] == "ran" else 0.0  # a failed or interrupted try: not counted
+            status = "interrupted" if nb["status"] == "running" else nb["status"]  # stopped, never finished
+            rows.append({"notebook": f"`{nb['name']}`", "status": status, "wall time": seconds(nb["wall_s"]),
+                         "cumulative": seconds(total), "started": x["started"][:16].replace("T", " "),
+                         "commit": commit, "CPU": x["run"].get("cpu_model") or "not recorded"})
+    return md(rows, right=("wall time", "cumulative"))
+
+
+def _reproduce_total(r: Results) -> str:
+    """The measured total of the run from an empty cache, or how far it got."""
+    ran = [nb for x in _reproduce_runs(r) for nb in x["notebooks"] if nb["status"] == "ran"]
+    total = sum(nb["wall_s"] for nb in ran)
+    done = {nb["name"] for nb in ran}
+    missing = [nb for nb in NOTEBOOKS if nb not in done]
+    if missing:
+        return f"{seconds(total)} ({total / 3600:.2f} h) for {len(done)} of {len(NOTEBOOKS)} notebooks, not yet run: " \
+               + ", ".join(f"`{nb}`" for nb in missing)
+    return f"{seconds(total)} ({total / 3600:.2f} h)"
+
+
 SPEED = "results/speed/speed_quick_cpu"  # benchmarks/speed.py --quick --static --masked --moe --threads 2
-SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its command): table name -> file stem
-    "speed-b1": "results/speed/speed_b1_cpu", "speed-b8-t128": "results/speed/speed_b8_t128_cpu",
-    "speed-gemma": "results/speed/speed_gemma_cpu", "speed-b1-token": "results/speed/speed_b1_token_cpu",
-    "speed-b1-mlp": "results/speed/speed_b1_mlp_cpu", "speed-gemma-b1": "results/speed/speed_gemma_b1_t128_cpu",
-    "speed-moe-t128": "results/speed/speed_moe_t128_cpu", "speed-b8-t128-mlp": "results/speed/speed_b8_t128_mlp_cpu",
-    "speed-gemma-mlp": "results/speed/speed_gemma_mlp_cpu",
-    "speed-b1-attn-token": "results/speed/speed_b1_attn_token_r11_cpu",
-    "speed-gemma-b8-t128": "results/speed/speed_gemma_b8_t128_cpu",
-    "speed-gemma-b1-t512": "results/speed/speed_gemma_b1_t512_cpu",
-    "speed-b1-stored": "results/speed/speed_b1_stored_cpu"}
-PROFILES = {  # benchmarks/profile_speed.py runs: table name -> file stem
-    "profile-b1-sequence": "results/speed/profile_smollm2-135m_b1_t128_pool8",
-    "profile-b1-sequence-stored": "results/speed/profile_smollm2-135m_b1_t128_pool8_stored",
-    "profile-b1-token": "results/speed/profile_smollm2-135m_b1_t128_pool2",
-    "profile-moe-b1": "results/speed/profile_random-olmoe_b1_t128_pool8"}
+SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its command): table name -> (label, stem)
+    "speed-b1": ("speed, batch 1", "results/speed/speed_b1_cpu"),
+    "speed-b8-t128": ("speed, batch 8, 128 tokens", "results/speed/speed_b8_t128_cpu"),
+    "speed-gemma": ("speed, Gemma-3-270M", "results/speed/speed_gemma_cpu"),
+    "speed-b1-token": ("speed, token level at batch 1", "results/speed/speed_b1_token_cpu"),
+    "speed-b1-mlp": ("speed, MLP at batch 1", "results/speed/speed_b1_mlp_cpu"),
+    "speed-gemma-b1": ("speed, Gemma-3-270M at batch 1", "results/speed/speed_gemma_b1_t128_cpu"),
+    "speed-moe-t128": ("speed, MoE at 128 tokens", "results/speed/speed_moe_t128_cpu"),
+    "speed-b8-t128-mlp": ("speed, MLP at batch 8, 128 tokens", "results/speed/speed_b8_t128_mlp_cpu"),
+    "speed-gemma-mlp": ("speed, MLP on Gemma-3-270M", "results/speed/speed_gemma_mlp_cpu"),
+    "speed-b1-attn-token": ("speed, token-level attention, 11 rounds", "results/speed/speed_b1_attn_token_r11_cpu"),
+    "speed-gemma-b8-t128": ("speed, Gemma-3-270M at batch 8, 128 tokens", "results/speed/speed_gemma_b8_t128_cpu"),
+    "speed-gemma-b1-t512": ("speed, Gemma-3-270M at batch 1, 512 tokens", "results/speed/speed_gemma_b1_t512_cpu"),
+    "speed-b1-stored": ("speed, batch 1, decision stored at prefill", "results/speed/speed_b1_stored_cpu")}
+PROFILES = {  # benchmarks/profile_speed.py runs: table name -> (label, stem)
+    "profile-b1-sequence": ("profile, sequence level at batch 1", "results/speed/profile_smollm2-135m_b1_t128_pool8"),
+    "profile-b1-sequence-stored": ("profile, sequence level at batch 1, decision stored",
+                                   "results/speed/profile_smollm2-135m_b1_t128_pool8_stored"),
+    "profile-b1-token": ("profile, token level and masked at batch 1",
+                         "results/speed/profile_smollm2-135m_b1_t128_pool2"),
+    "profile-moe-b1": ("profile, MoE at batch 1", "results/speed/profile_random-olmoe_b1_t128_pool8")}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
+BENCHMARKS = {  # the runs table's benchmark rows: label -> result JSON
+    "speed": f"{SPEED}.json", **{label: f"{stem}.json" for label, stem in (*SPEED_RUNS.values(), *PROFILES.values())},
+    "row scaling": f"{ROW_SCALING}.json", "training cost": "results/training_cost/training_cost_smollm2-135m.json",
+    "lm-eval agreement, 0-shot": "results/lm_eval_agreement/smollm2-135m_0shot_limit200.json",
+    "lm-eval agreement, MMLU 5-shot": "results/lm_eval_agreement/smollm2-135m_papershot_limit400.json",
+    "lm-eval agreement, paper shots": "results/lm_eval_agreement/smollm2-135m_papershot_limit30.json"}
 
 
 def _speed_ci(x: dict, col: str, sep: str = "_", digits: int = 3) -> str:
@@ -198,7 +231,7 @@ def table_speed_targets(r: Results) -> str:
     """Issue 16's targets over every speed run: routed ``real`` against 0.95 of static drop, token level against
     dense (above 1.0), ``masked`` within ±3% of dense; one row per run x workload x setting."""
     rows = []
-    for stem in (SPEED, *SPEED_RUNS.values()):
+    for stem in (SPEED, *(stem for _, stem in SPEED_RUNS.values())):
         for x in r.csv(f"{stem}.csv").to_dict("records"):
             setting = x["setting"]
             if setting == "dense" or "drop" in setting:
@@ -618,7 +651,7 @@ def table_ablation_fidelity(r: Results) -> str:
 
 
 TABLES = {
-    "runs": table_runs, "speed": table_speed, "training-cost": table_training_cost,
+    "runs": table_runs, "reproduce": table_reproduce, "speed": table_speed, "training-cost": table_training_cost,
     "lm-eval-agreement": table_lm_eval_agreement, "quickstart-accuracy": table_quickstart_accuracy,
     "quickstart-generation": table_quickstart_generation, "table2": table_table2,
     "speed-accuracy": table_speed_accuracy, "router-minus-baselines": table_router_minus_baselines,
@@ -633,8 +666,8 @@ TABLES = {
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
     "ablation-figure4": table_ablation_figure4, "row-scaling": table_row_scaling,
     "speed-targets": table_speed_targets,
-    **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, stem in SPEED_RUNS.items()},
-    **{name: (lambda r, stem=stem: table_profile(r, stem)) for name, stem in PROFILES.items()},
+    **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, (_, stem) in SPEED_RUNS.items()},
+    **{name: (lambda r, stem=stem: table_profile(r, stem)) for name, (_, stem) in PROFILES.items()},
 }
 
 # ---- inline numbers ---------------------------------------------------------------------------------------------
@@ -719,14 +752,8 @@ def _ci_row(r: Results, rel: str, **where) -> str:
     return ci(*(_cell(r, rel, c, **where) for c in ("diff", "ci_low", "ci_high")))
 
 
-def _notebooks_total(r: Results) -> str:
-    """The committed notebook runs' recorded wall times, summed (each ran on its own cache state)."""
-    total = sum(r.json(f"results/{nb}/cpu/run.json")["wall_time_s"] for nb in NOTEBOOKS)
-    return f"{seconds(total)} ({total / 3600:.1f} h)"
-
-
 VALUES = {
-    "notebooks-total": _notebooks_total,
+    "reproduce-total": _reproduce_total,
     "granularity-steps": lambda r: _steps(r.json("results/01_granularity/cpu/run.json")["tuning"]),
     "smollm2-router-steps": lambda r: _steps(r.json("results/06_across_models/cpu/run.json")["tuning"],
                                              ["smollm2-135m"]),

@@ -1,6 +1,7 @@
 """``results/README.md``: its tables and quoted numbers are what ``routertune_lib.results_readme`` generates from the
 result files (the README cannot drift from them)."""
 
+import json
 import shutil
 
 import pandas as pd
@@ -59,3 +60,29 @@ def test_verdict_and_ci_format():
     assert rr.ci(0.2777, -3.611, 4.1666) == "+0.3 [-3.6, +4.2]"
     assert [rr.verdict(*b) for b in ((-2.0, -0.1), (0.1, 2.0), (-1.0, 1.0), (0.0, 1.0))] == [
         "lower", "higher", "unresolved", "unresolved"]
+
+
+def test_reproduce_total_sums_the_run_from_the_last_empty_cache_across_its_restarts(tmp_path):
+    def invocation(cache: int, notebooks: dict) -> dict:
+        return {"started": "2026-12-08T00:14:09+0000", "cache_files": {"routers": cache, "eval": cache},
+                "run": {"git_commit": "abcdef0123", "cpu_model": "a CPU"}, "total_s": 0.0,
+                "notebooks": [{"name": n, "status": s, "wall_s": w} for n, (s, w) in notebooks.items()]}
+
+    first, *rest = rr.NOTEBOOKS
+    runs = [invocation(5, {first: ("ran", 999.0)}),  # an earlier run on a full cache: not counted
+            invocation(0, {first: ("ran", 100.0), rest[0]: ("running", None)}),  # stopped in the second notebook
+            invocation(3, {first: ("skipped", None), **{n: ("ran", 10.0) for n in rest[:3]}})]
+    path = tmp_path / rr.REPRODUCE
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"runs": runs}))
+    r = rr.Results(tmp_path)
+    total = rr.VALUES["reproduce-total"](r)
+    assert total.startswith("130 s (0.04 h) for 4 of 13 notebooks") and f"`{rest[3]}`" in total
+    table = rr.TABLES["reproduce"](r)
+    assert table.count("| ran |") == 4 and "| interrupted |" in table and "| 130 s |" in table and "999" not in table
+    runs.append(invocation(0, {n: ("ran", 60.0) for n in rr.NOTEBOOKS}))  # a new run from an empty cache
+    path.write_text(json.dumps({"runs": runs}))
+    assert rr.VALUES["reproduce-total"](rr.Results(tmp_path)) == "780 s (0.22 h)"
+    path.write_text(json.dumps({"runs": runs[:1]}))
+    with pytest.raises(ValueError, match="no invocation started on an empty cache"):
+        rr.VALUES["reproduce-total"](rr.Results(tmp_path))
