@@ -118,38 +118,36 @@ def table_runs(r: Results) -> str:
 REPRODUCE = "notebooks/executed/cpu/reproduce.json"  # routertune_lib.reproduce's record of each invocation
 
 
-def _reproduce_runs(r: Results) -> list[dict]:
-    """The invocations of ``make reproduce`` (cpu) from the last one that started on an empty cache (no tuned
-    routers, no cached evaluations) on: the continuation of one run from an empty cache, split where it was
-    stopped and started again (each invocation skips the notebooks an earlier one finished)."""
+def _reproduce_notebooks(r: Results) -> list[tuple[dict, dict]]:
+    """``(invocation, notebook entry)`` of every notebook tried (not skipped) by the run of ``make reproduce`` (cpu)
+    from an empty cache (no tuned routers, no cached evaluations): the invocations from the last one that started on
+    an empty cache on, the continuation of one run split where it was stopped and started again (each invocation
+    skips the notebooks an earlier one finished)."""
     runs = r.json(REPRODUCE)["runs"]
     empty = [i for i, x in enumerate(runs) if not any(x["cache_files"].values())]
     if not empty:
         raise ValueError(f"{REPRODUCE}: no invocation started on an empty cache; run make reproduce with an empty "
                          "ROUTERTUNE_CACHE")
-    return runs[empty[-1]:]
+    return [(x, nb) for x in runs[empty[-1]:] for nb in x["notebooks"] if nb["status"] != "skipped"]
 
 
 def table_reproduce(r: Results) -> str:
     """Per notebook of the run from an empty cache: the invocation that ran it, its wall time, and the cumulative
     total of the notebooks that finished."""
     rows, total = [], 0.0
-    for x in _reproduce_runs(r):
-        commit = (x["run"].get("git_commit") or "—")[:7]
-        for nb in x["notebooks"]:
-            if nb["status"] == "skipped":
-                continue
-            total += nb["wall_s"] if nb["status"] == "ran" else 0.0  # a failed or interrupted try: not counted
-            status = "interrupted" if nb["status"] == "running" else nb["status"]  # stopped, never finished
-            rows.append({"notebook": f"`{nb['name']}`", "status": status, "wall time": seconds(nb["wall_s"]),
-                         "cumulative": seconds(total), "started": x["started"][:16].replace("T", " "),
-                         "commit": commit, "CPU": x["run"].get("cpu_model") or "not recorded"})
+    for x, nb in _reproduce_notebooks(r):
+        total += nb["wall_s"] if nb["status"] == "ran" else 0.0  # a failed or interrupted try: not counted
+        status = "interrupted" if nb["status"] == "running" else nb["status"]  # stopped, never finished
+        rows.append({"notebook": f"`{nb['name']}`", "status": status, "wall time": seconds(nb["wall_s"]),
+                     "cumulative": seconds(total), "started": x["started"][:16].replace("T", " "),
+                     "commit": (x["run"].get("git_commit") or "—")[:7],
+                     "CPU": x["run"].get("cpu_model") or "not recorded"})
     return md(rows, right=("wall time", "cumulative"))
 
 
 def _reproduce_total(r: Results) -> str:
     """The measured total of the run from an empty cache, or how far it got."""
-    ran = [nb for x in _reproduce_runs(r) for nb in x["notebooks"] if nb["status"] == "ran"]
+    ran = [nb for _, nb in _reproduce_notebooks(r) if nb["status"] == "ran"]
     total = sum(nb["wall_s"] for nb in ran)
     done = {nb["name"] for nb in ran}
     missing = [nb for nb in NOTEBOOKS if nb not in done]
