@@ -129,9 +129,7 @@ def main(argv=None):
     pool = prompt_pool(model.config.vocab_size, args.pool, T, seed=0)
     moe = args.model == speed_benchmark.MOE  # notebook 08's MoE: expert routers, Expert Drop
     settings = (speed_benchmark.moe_settings if moe else speed_benchmark.dense_settings)(model, pool, bench)
-    unknown = [s for s in args.settings if s not in settings]
-    if unknown:
-        raise SystemExit(f"unknown settings {unknown}; this model's settings: {list(settings)}")
+    settings = speed_benchmark.selected(settings, args.settings)  # raises on an unknown name
     new_tokens = 3 if args.smoke else args.new_tokens
     rows, top, provenance = [], [], run_info()  # provenance at the start: the code this process imported
     for name in args.settings:

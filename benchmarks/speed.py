@@ -34,7 +34,7 @@ import torch
 from routertune_lib.baselines import attach_static_drop, least_important, module_importance
 from routertune_lib.experiments import randomize_routers
 from routertune_lib.flops import FlopSpec, forward_flops
-from routertune_lib.models import load_model, tiny_random_model
+from routertune_lib.models import load_model, shared_copy, tiny_random_model
 from routertune_lib.moe import (attach_expert_drop, expert_drop_plan, expert_router_config, expert_statistics,
                                 tiny_random_moe)
 from routertune_lib.reporting import run_info, write_atomic, write_json, write_table
@@ -58,12 +58,6 @@ DECODE_LAYER_S = 1.5e-3
 
 # ----------------------------------------------------------------------------------------------------------------
 # Settings
-
-
-def shared_copy(model):
-    """A copy of ``model``'s modules that shares its parameters and buffers (one set of weights for all settings)."""
-    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return copy.deepcopy(model, memo)
 
 
 def dense_settings(model, pool: torch.Tensor, args) -> dict:
@@ -111,6 +105,18 @@ def moe_settings(model, pool: torch.Tensor, args) -> dict:
     return settings
 
 
+def selected(settings: dict, names: list[str] | None) -> dict:
+    """``settings`` restricted to ``names`` (``--settings``; None: all), in their built order; dense is always kept,
+    as the reference every ratio is taken to. Raises ``ValueError`` naming an unknown setting and the known ones."""
+    if names is None:
+        return settings
+    unknown = sorted(set(names) - set(settings))
+    if unknown:
+        raise ValueError(f"--settings: unknown setting(s) {unknown}; this plan builds {list(settings)} (add "
+                         "--static / --masked / --targets / --levels to build more)")
+    return {name: s for name, s in settings.items() if name == "dense" or name in names}
+
+
 def _half_even(num_layers: int) -> int:
     """Half the layers, rounded up to an even number (so that capacity 0.5 skips whole layers' worth)."""
     n = -(-num_layers // 2)
@@ -133,6 +139,8 @@ def load(name: str, args):
 
 
 def settings_count(args, moe: bool) -> int:
+    if args.settings is not None:
+        return len({"dense", *args.settings})
     if moe:
         return 2 + args.masked + args.static
     return (1 + 2 * args.copy_controls + len(args.targets) * len(args.levels) * (1 + args.masked)
@@ -214,6 +222,9 @@ def parse_args(argv=None):
     p.add_argument("--copy-controls", action="store_true",
                    help="also time two copies of the dense model (a deep copy with its own weight tensors, as the "
                         "notebooks' routed and merged models are, and a copy sharing the weights): null controls")
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="time only these of the built settings (and dense), e.g. dense attn_token 'attn_token masked' "
+                        "'attn static drop': fewer settings give more rounds in the same time")
     p.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
     p.add_argument("--levels", nargs="+", choices=LEVELS, default=list(LEVELS))
     p.add_argument("--capacity", type=float, default=0.5)
@@ -278,7 +289,7 @@ def main(argv=None):
         model = load(name, args)
         for prompt_len in args.prompt_lens:
             pool = prompt_pool(model.config.vocab_size, args.pool, prompt_len, seed=args.seed)
-            settings = (moe_settings if name == MOE else dense_settings)(model, pool, args)
+            settings = selected((moe_settings if name == MOE else dense_settings)(model, pool, args), args.settings)
             for batch_size in args.batch_sizes:
                 found = compare_settings(settings, pool, batch_size, args.new_tokens, repeats=args.repeats)
                 tables.append(with_ratios(found, name))

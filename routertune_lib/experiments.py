@@ -29,7 +29,7 @@ import torch
 from .batching import forward_batches
 from .data import cache_dir, load_instruction_data
 from .evaluation import PAPER_TASKS, EvalResults, compare, model_fingerprint
-from .models import BUILTIN_MODELS, load_model, model_identity, tiny_random_model
+from .models import BUILTIN_MODELS, load_model, model_identity, shared_copy, tiny_random_model
 from .reporting import write_atomic
 from .routing import RouterConfig, RoutingContext, RoutingTrace, detach_routers, routed_layers
 from .speed import compare_settings, prompt_pool
@@ -381,7 +381,7 @@ def routed_copy(model, router_path: str | Path | None = None, adapter_path: str 
     from .routing import load_routers
 
     if adapter_path is None:
-        m = copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+        m = shared_copy(model)
     else:
         m = copy.deepcopy(model)
         merge_adapter(m, adapter_path)

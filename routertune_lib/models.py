@@ -274,6 +274,13 @@ def model_identity(model: PreTrainedModel) -> dict:
     }
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` with new modules over the same parameter and buffer tensors: no memory for the weights,
+    so several settings (routers, static drop) can be held and timed side by side. Never change a shared copy's
+    weights in place: the original changes too."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
 def _builtin_list() -> str:
     return ", ".join(BUILTIN_MODELS)
 

@@ -171,7 +171,8 @@ SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its com
     "speed-b1-attn-token": ("speed, token-level attention, 11 rounds", "results/speed/speed_b1_attn_token_r11_cpu"),
     "speed-gemma-b8-t128": ("speed, Gemma-3-270M at batch 8, 128 tokens", "results/speed/speed_gemma_b8_t128_cpu"),
     "speed-gemma-b1-t512": ("speed, Gemma-3-270M at batch 1, 512 tokens", "results/speed/speed_gemma_b1_t512_cpu"),
-    "speed-b1-stored": ("speed, batch 1, decision stored at prefill", "results/speed/speed_b1_stored_cpu")}
+    "speed-b1-stored": ("speed, batch 1, decision stored at prefill", "results/speed/speed_b1_stored_cpu"),
+    "speed-moe": ("speed, MoE at 128 and 512 tokens, 9 rounds", "results/speed/speed_moe_r13_cpu")}
 PROFILES = {  # benchmarks/profile_speed.py runs: table name -> (label, stem)
     "profile-b1-sequence": ("profile, sequence level at batch 1", "results/speed/profile_smollm2-135m_b1_t128_pool8"),
     "profile-b1-sequence-stored": ("profile, sequence level at batch 1, decision stored",
@@ -225,9 +226,14 @@ def _band_verdict(low: float, point: float, high: float, lo: float, hi: float = 
     return "met at the point estimate" if lo <= point <= hi else "missed at the point estimate"
 
 
-def table_speed_targets(r: Results) -> str:
-    """Issue 16's targets over every speed run: routed ``real`` against 0.95 of static drop, token level against
-    dense (above 1.0), ``masked`` within ±3% of dense; one row per run x workload x setting."""
+SPEED_TARGETS = ("0.95 of static drop", "token level above dense", "masked within ±3%")
+VERDICTS = ("met", "met at the point estimate", "missed at the point estimate", "missed", "faster", "unresolved",
+            "slower")  # _band_verdict's, then _speed_verdict's
+
+
+def _speed_target_rows(r: Results) -> list[dict]:
+    """Issue 16's targets over every speed run, in run order: routed ``real`` against 0.95 of static drop, token
+    level against dense (above 1.0), ``masked`` within ±3% of dense; one row per run x workload x setting."""
     rows = []
     for stem in (SPEED, *(stem for _, stem in SPEED_RUNS.values())):
         for x in r.csv(f"{stem}.csv").to_dict("records"):
@@ -246,7 +252,25 @@ def table_speed_targets(r: Results) -> str:
                 "token level above dense": _speed_verdict(x) if token else "",
                 "masked within ±3%": _band_verdict(x["speedup_ci_low"], x["speedup"], x["speedup_ci_high"], 0.97,
                                                    1.03) if masked else ""})
-    return md(rows, right=("B", "T"))
+    return rows
+
+
+def table_speed_targets(r: Results) -> str:
+    return md(_speed_target_rows(r), right=("B", "T"))
+
+
+def table_speed_target_counts(r: Results) -> str:
+    """How many settings meet each of issue 16's targets, counting each model x B x T x setting once, at its latest
+    run (the runs are in the order they were made, so the latest measures the newest code)."""
+    latest = {(x["model"], x["B"], x["T"], x["setting"]): x for x in _speed_target_rows(r)}
+    rows = []
+    for target in SPEED_TARGETS:
+        for verdict in VERDICTS:
+            runs = [x["run"] for x in latest.values() if x[target] == verdict]
+            if runs:
+                rows.append({"target": target, "verdict": verdict, "settings": len(runs),
+                             "latest runs": ", ".join(sorted(set(runs)))})
+    return md(rows, right=("settings",))
 
 
 def table_profile(r: Results, stem: str) -> str:
@@ -664,6 +688,7 @@ TABLES = {
     "ablation-fidelity": table_ablation_fidelity, "ablation-pull": table_ablation_pull,
     "ablation-figure4": table_ablation_figure4, "row-scaling": table_row_scaling,
     "speed-targets": table_speed_targets,
+    "speed-target-counts": table_speed_target_counts,
     **{name: (lambda r, stem=stem: table_speed(r, stem)) for name, (_, stem) in SPEED_RUNS.items()},
     **{name: (lambda r, stem=stem: table_profile(r, stem)) for name, (_, stem) in PROFILES.items()},
 }

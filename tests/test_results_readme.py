@@ -86,3 +86,24 @@ def test_reproduce_total_sums_the_run_from_the_last_empty_cache_across_its_resta
     path.write_text(json.dumps({"runs": runs[:1]}))
     with pytest.raises(ValueError, match="no invocation started on an empty cache"):
         rr.VALUES["reproduce-total"](rr.Results(tmp_path))
+
+
+def test_speed_target_counts_take_each_setting_once_at_its_latest_run(tmp_path, monkeypatch):
+    def row(setting, speedup, vs_static=(float("nan"),) * 3):
+        return {"model": "smollm2-135m", "batch_size": 1, "prompt_len": 128, "setting": setting,
+                **dict(zip(("speedup", "speedup_ci_low", "speedup_ci_high"), speedup)),
+                **dict(zip(("vs_static", "vs_static_ci_low", "vs_static_ci_high"), vs_static))}
+
+    old = [row("dense", (1, 1, 1)), row("attn_token", (0.98, 0.95, 1.01), (0.90, 0.85, 0.93)),
+           row("attn_token masked", (0.95, 0.93, 0.96)), row("attn static drop", (1.1, 1.05, 1.15))]
+    new = [row("dense", (1, 1, 1)), row("attn_token", (1.02, 1.01, 1.03), (0.96, 0.955, 0.97))]
+    (tmp_path / "results" / "speed").mkdir(parents=True)
+    pd.DataFrame(old).to_csv(tmp_path / "results/speed/old.csv", index=False)
+    pd.DataFrame(new).to_csv(tmp_path / "results/speed/new.csv", index=False)
+    monkeypatch.setattr(rr, "SPEED", "results/speed/old")
+    monkeypatch.setattr(rr, "SPEED_RUNS", {"new": ("a later run", "results/speed/new")})
+    r = rr.Results(tmp_path)
+    assert rr.table_speed_targets(r).count("| `old` |") == 2  # every run's rows, static drop and dense left out
+    counts = rr.table_speed_target_counts(r).splitlines()[2:]
+    assert counts == ["| 0.95 of static drop | met | 1 | `new` |", "| token level above dense | faster | 1 | `new` |",
+                      "| masked within ±3% | missed | 1 | `old` |"]

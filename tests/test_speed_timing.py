@@ -129,6 +129,16 @@ def test_benchmark_smoke_runs_every_setting_end_to_end(tmp_path, keep_threads):
     assert json.loads((tmp_path / "run.json").read_text())["torch_threads"] == 1
 
 
+def test_benchmark_settings_times_only_the_named_settings_beside_dense(tmp_path, keep_threads):
+    bench = benchmark()
+    table = bench.main(["--smoke", "--threads", "1", "--no-moe", "--targets", "attn", "--settings", "attn_token",
+                        "attn static drop", "--out", str(tmp_path)])
+    assert list(table.setting) == ["dense", "attn_token", "attn static drop"]
+    assert table[table.setting == "attn_token"].vs_static.notna().all()
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['mlp_token'\].*attn_sequence"):
+        bench.main(["--smoke", "--no-moe", "--targets", "attn", "--settings", "mlp_token", "--out", str(tmp_path)])
+
+
 def test_profile_smoke_groups_every_phase_of_every_setting(tmp_path, keep_threads):
     profiler = benchmark("profile_speed")
     table = profiler.main(["--smoke", "--threads", "1", "--settings", "dense", "attn_token", "attn static drop",
