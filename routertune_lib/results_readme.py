@@ -172,14 +172,23 @@ SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its com
     "speed-gemma-b8-t128": ("speed, Gemma-3-270M at batch 8, 128 tokens", "results/speed/speed_gemma_b8_t128_cpu"),
     "speed-gemma-b1-t512": ("speed, Gemma-3-270M at batch 1, 512 tokens", "results/speed/speed_gemma_b1_t512_cpu"),
     "speed-b1-stored": ("speed, batch 1, decision stored at prefill", "results/speed/speed_b1_stored_cpu"),
-    "speed-moe": ("speed, MoE at 128 and 512 tokens, 9 rounds", "results/speed/speed_moe_r13_cpu")}
+    "speed-moe": ("speed, MoE at 128 and 512 tokens, 9 rounds", "results/speed/speed_moe_r13_cpu"),
+    "speed-b1-masked": ("speed, masked at batch 1, 11 rounds", "results/speed/speed_b1_masked_r11_cpu"),
+    "speed-b1-attn-token-r21": ("speed, token-level attention, 21 rounds",
+                                "results/speed/speed_b1_attn_token_r21_cpu"),
+    "speed-b8-stored": ("speed, batch 8, decision stored at prefill", "results/speed/speed_b8_stored_cpu"),
+    "speed-gemma-b8-t128-stored": ("speed, Gemma-3-270M at batch 8, 128 tokens, decision stored",
+                                   "results/speed/speed_gemma_b8_t128_stored_cpu"),
+    "speed-gemma-b8-t512-stored": ("speed, Gemma-3-270M at batch 8, 512 tokens, decision stored",
+                                   "results/speed/speed_gemma_b8_t512_stored_cpu")}
 PROFILES = {  # benchmarks/profile_speed.py runs: table name -> (label, stem)
     "profile-b1-sequence": ("profile, sequence level at batch 1", "results/speed/profile_smollm2-135m_b1_t128_pool8"),
     "profile-b1-sequence-stored": ("profile, sequence level at batch 1, decision stored",
                                    "results/speed/profile_smollm2-135m_b1_t128_pool8_stored"),
     "profile-b1-token": ("profile, token level and masked at batch 1",
                          "results/speed/profile_smollm2-135m_b1_t128_pool2"),
-    "profile-moe-b1": ("profile, MoE at batch 1", "results/speed/profile_random-olmoe_b1_t128_pool8")}
+    "profile-moe-b1": ("profile, MoE at batch 1", "results/speed/profile_random-olmoe_b1_t128_pool8"),
+    "profile-moe-b8": ("profile, MoE at batch 8", "results/speed/profile_random-olmoe_b8_t128")}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 BENCHMARKS = {  # the runs table's benchmark rows: label -> result JSON
     "speed": f"{SPEED}.json", **{label: f"{stem}.json" for label, stem in (*SPEED_RUNS.values(), *PROFILES.values())},
