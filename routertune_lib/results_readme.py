@@ -180,7 +180,9 @@ SPEED_RUNS = {  # further benchmarks/speed.py runs (each file's JSON has its com
     "speed-gemma-b8-t128-stored": ("speed, Gemma-3-270M at batch 8, 128 tokens, decision stored",
                                    "results/speed/speed_gemma_b8_t128_stored_cpu"),
     "speed-gemma-b8-t512-stored": ("speed, Gemma-3-270M at batch 8, 512 tokens, decision stored",
-                                   "results/speed/speed_gemma_b8_t512_stored_cpu")}
+                                   "results/speed/speed_gemma_b8_t512_stored_cpu"),
+    "speed-gemma-b1-stored": ("speed, Gemma-3-270M at batch 1, decision stored",
+                              "results/speed/speed_gemma_b1_stored_cpu")}
 PROFILES = {  # benchmarks/profile_speed.py runs: table name -> (label, stem)
     "profile-b1-sequence": ("profile, sequence level at batch 1", "results/speed/profile_smollm2-135m_b1_t128_pool8"),
     "profile-b1-sequence-stored": ("profile, sequence level at batch 1, decision stored",
@@ -265,6 +267,7 @@ def _speed_target_rows(r: Results) -> list[dict]:
 
 
 def table_speed_targets(r: Results) -> str:
+    """Every run's verdicts on issue 16's targets (``_speed_target_rows``)."""
     return md(_speed_target_rows(r), right=("B", "T"))
 
 
