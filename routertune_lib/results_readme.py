@@ -190,7 +190,11 @@ PROFILES = {  # benchmarks/profile_speed.py runs: table name -> (label, stem)
     "profile-b1-token": ("profile, token level and masked at batch 1",
                          "results/speed/profile_smollm2-135m_b1_t128_pool2"),
     "profile-moe-b1": ("profile, MoE at batch 1", "results/speed/profile_random-olmoe_b1_t128_pool8"),
-    "profile-moe-b8": ("profile, MoE at batch 8", "results/speed/profile_random-olmoe_b8_t128")}
+    "profile-moe-b8": ("profile, MoE at batch 8", "results/speed/profile_random-olmoe_b8_t128"),
+    "profile-b1-token-head": ("profile, token level at batch 1, current code",
+                              "results/speed/profile_smollm2-135m_b1_t128_pool2_token"),
+    "profile-gemma-b1-token": ("profile, Gemma-3 token level at batch 1",
+                               "results/speed/profile_gemma3-270m_b1_t128_pool2")}
 ROW_SCALING = "results/speed/row_scaling_smollm2-135m_b8_t512"  # benchmarks/row_scaling.py
 BENCHMARKS = {  # the runs table's benchmark rows: label -> result JSON
     "speed": f"{SPEED}.json", **{label: f"{stem}.json" for label, stem in (*SPEED_RUNS.values(), *PROFILES.values())},
